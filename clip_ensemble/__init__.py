@@ -1,0 +1,33 @@
+"""clip-ensemble: adaptive ensembles of CLIP backbones (arXiv:2405.17139)."""
+
+from transformers import AutoConfig, AutoModel
+
+from .backbones import TransformersBackbone, load_backbone
+from .configuration_clip_ensemble import CLIPEnsembleConfig
+from .gate import EnsembleGate, combine_logits
+from .modeling_clip_ensemble import CLIPEnsembleModel, CLIPEnsembleOutput
+from .processing_clip_ensemble import CLIPEnsembleProcessor, load_image, load_images
+from .templates import OPENAI_IMAGENET_TEMPLATES, SHORT_TEMPLATES, TEMPLATE_SETS
+from .zero_shot import build_zero_shot_classifier
+
+AutoConfig.register("clip_ensemble", CLIPEnsembleConfig)
+AutoModel.register(CLIPEnsembleConfig, CLIPEnsembleModel)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLIPEnsembleConfig",
+    "CLIPEnsembleModel",
+    "CLIPEnsembleOutput",
+    "CLIPEnsembleProcessor",
+    "EnsembleGate",
+    "OPENAI_IMAGENET_TEMPLATES",
+    "SHORT_TEMPLATES",
+    "TEMPLATE_SETS",
+    "TransformersBackbone",
+    "build_zero_shot_classifier",
+    "combine_logits",
+    "load_backbone",
+    "load_image",
+    "load_images",
+]

@@ -1,0 +1,337 @@
+"""CLIPEnsembleModel: several frozen CLIP backbones, zero-shot heads, and a gate that weighs them per image."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .backbones import TransformersBackbone, load_backbone
+from .configuration_clip_ensemble import CLIPEnsembleConfig, _normalize_backbone
+from .gate import EnsembleGate, combine_logits
+from .modelcard import build_model_card
+from .processing_clip_ensemble import CLIPEnsembleProcessor, ImageInput
+from .zero_shot import build_zero_shot_classifier
+
+GATE_WEIGHTS_NAME = "gate.safetensors"
+
+
+@dataclass
+class CLIPEnsembleOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Cross-entropy of `logits` against the given `labels`.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            The ensemble's logits: per-backbone logits weighted by the gate and summed.
+        gate_weights (`torch.FloatTensor` of shape `(batch_size, num_backbones)`):
+            The weight of each backbone for each image.
+        per_backbone_logits (`torch.FloatTensor` of shape `(batch_size, num_backbones, num_labels)`):
+            Each backbone's own zero-shot logits, `logit_scale_b * image_embed_b @ W_b.T`.
+        image_embeds (`tuple[torch.FloatTensor]`, one of shape `(batch_size, embed_dim_b)` per backbone):
+            L2-normalised image embeddings, the gate's input.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    gate_weights: torch.FloatTensor | None = None
+    per_backbone_logits: torch.FloatTensor | None = None
+    image_embeds: tuple[torch.FloatTensor, ...] | None = None
+
+
+class CLIPEnsembleModel(PreTrainedModel):
+    r"""
+    An adaptive ensemble of CLIP backbones ("Synergy and Diversity in CLIP", arXiv:2405.17139). Each backbone
+    classifies zero-shot with its own text tower; a small gate reads all image embeddings and rescales each
+    backbone's logits per image before they are summed. Only the config and the gate are saved: backbones are
+    loaded from their own repos.
+
+    Example:
+
+    ```python
+    >>> from clip_ensemble import CLIPEnsembleModel
+
+    >>> model = CLIPEnsembleModel.from_backbones(
+    ...     ["openai/clip-vit-base-patch32", "openai/clip-vit-base-patch16"], labels=["cat", "dog"]
+    ... )
+    >>> model.classify(["cat.jpg"], top_k=1)
+    [[{'label': 'cat', 'score': 0.98}]]
+    ```
+    """
+
+    config_class = CLIPEnsembleConfig
+    base_model_prefix = "clip_ensemble"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: CLIPEnsembleConfig, backbones: Sequence[TransformersBackbone]):
+        super().__init__(config)
+        if not config.backbones:
+            raise ValueError("The config lists no backbones; build the model with `from_backbones`.")
+        if len(backbones) != config.num_backbones:
+            raise ValueError(f"The config lists {config.num_backbones} backbones but {len(backbones)} were given.")
+        for index, (entry, backbone) in enumerate(zip(config.backbones, backbones)):
+            if entry["embed_dim"] is None:
+                entry["embed_dim"] = backbone.embed_dim
+            elif entry["embed_dim"] != backbone.embed_dim:
+                raise ValueError(
+                    f"Backbone {index} '{entry['name_or_path']}' has embedding width {backbone.embed_dim}, but the "
+                    f"config expects {entry['embed_dim']}: the repo changed since the gate was calibrated. Pin the "
+                    "revision the gate was calibrated with, or calibrate a new gate."
+                )
+        self.gate = EnsembleGate(self.embed_dims, config.gate_hidden_size, config.combination)
+        self.post_init()
+        # Set after post_init so that pretrained backbone weights are never re-initialised.
+        self.backbones = nn.ModuleList(backbones)
+        self.processor = CLIPEnsembleProcessor([backbone.preprocess for backbone in backbones])
+        self._head_cache: dict[tuple, list[torch.Tensor]] = {}
+        self.set_labels(config.labels, config.templates)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The gate initialises itself (so that it starts as logit averaging); backbones come pretrained.
+        pass
+
+    @property
+    def embed_dims(self) -> list[int]:
+        return [entry["embed_dim"] for entry in self.config.backbones]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config.labels)
+
+    @classmethod
+    def from_backbones(
+        cls,
+        backbones: Sequence[str | dict | TransformersBackbone],
+        labels: Sequence[str],
+        templates: Sequence[str] | str = "short",
+        **gate_settings,
+    ) -> CLIPEnsembleModel:
+        """Build an uncalibrated ensemble (equal to plain logit averaging) from repo ids, folders or backbones.
+
+        `gate_settings` are `gate_hidden_size` and `combination` (see `CLIPEnsembleConfig`).
+        """
+        if not backbones:
+            raise ValueError("No backbones given: pass at least one CLIP repo id or local folder.")
+        loaded = [
+            backbone
+            if isinstance(backbone, TransformersBackbone)
+            else load_backbone(_normalize_backbone(index, backbone))
+            for index, backbone in enumerate(backbones)
+        ]
+        config = CLIPEnsembleConfig(
+            backbones=[backbone.describe() for backbone in loaded],
+            labels=list(labels),
+            templates=templates if isinstance(templates, str) else list(templates),
+            **gate_settings,
+        )
+        return cls(config, loaded)
+
+    def set_labels(self, labels: Sequence[str], templates: Sequence[str] | str | None = None) -> None:
+        """Switch to a new label set (and optionally templates); the gate is kept, it does not depend on labels.
+
+        Zero-shot heads are cached per (labels, templates), so switching back costs no text forward pass.
+        """
+        templates = self.config.templates if templates is None else templates
+        # Validate through the config before touching the model.
+        checked = CLIPEnsembleConfig(
+            backbones=self.config.backbones,
+            labels=list(labels),
+            templates=templates if isinstance(templates, str) else list(templates),
+        )
+        key = (tuple(checked.labels), tuple(checked.template_list))
+        if key not in self._head_cache:
+            self._head_cache[key] = [
+                build_zero_shot_classifier(backbone, checked.labels, checked.template_list)
+                for backbone in self.backbones
+            ]  # one (num_labels, embed_dim_b) head per backbone
+        self.zero_shot_heads = self._head_cache[key]
+        self.config.labels, self.config.templates = checked.labels, checked.templates
+        self.config.id2label, self.config.label2id = checked.id2label, checked.label2id
+
+    def encode_images(self, pixel_values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-backbone pixel values -> per-backbone normalised embeddings (batch, embed_dim_b)."""
+        if len(pixel_values) != len(self.backbones):
+            raise ValueError(
+                f"Got pixel values for {len(pixel_values)} backbones, the ensemble has {len(self.backbones)}; "
+                "preprocess with `model.processor(images)`."
+            )
+        return [backbone.encode_images(pixels) for backbone, pixels in zip(self.backbones, pixel_values)]
+
+    def forward(
+        self,
+        pixel_values: Sequence[torch.Tensor] | None = None,
+        images: Sequence[ImageInput] | None = None,
+        image_embeds: Sequence[torch.Tensor] | None = None,
+        labels: torch.LongTensor | None = None,
+    ) -> CLIPEnsembleOutput:
+        r"""
+        Give exactly one of:
+            pixel_values (`list[torch.FloatTensor]`): one `(batch, 3, H_b, W_b)` tensor per backbone, from
+                `model.processor(images)`.
+            images (`list`): PIL images, file paths or encoded bytes; preprocessed for each backbone.
+            image_embeds (`list[torch.FloatTensor]`): cached normalised embeddings, one `(batch, embed_dim_b)`
+                per backbone (calibration trains on these without running any backbone).
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class indices; adds the loss.
+        """
+        if sum(x is not None for x in (pixel_values, images, image_embeds)) != 1:
+            raise ValueError("Pass exactly one of `pixel_values`, `images` or `image_embeds`.")
+        if images is not None:
+            pixel_values = self.processor(images)["pixel_values"]
+        if image_embeds is None:
+            image_embeds = self.encode_images(pixel_values)
+        device = self.gate.fc1.weight.device
+        image_embeds = [embeds.to(device, torch.float32) for embeds in image_embeds]
+        for index, (embeds, width) in enumerate(zip(image_embeds, self.embed_dims)):
+            if embeds.shape[-1] != width:
+                raise ValueError(f"image_embeds[{index}] has width {embeds.shape[-1]}, backbone {index} has {width}.")
+
+        per_backbone_logits = torch.stack(
+            [
+                backbone.logit_scale * embeds @ head.to(device).T
+                for backbone, embeds, head in zip(self.backbones, image_embeds, self.zero_shot_heads)
+            ],
+            dim=1,
+        )  # (batch, num_backbones, num_labels)
+        gate_weights = self.gate(torch.cat(image_embeds, dim=-1))  # (batch, num_backbones)
+        logits = combine_logits(per_backbone_logits, gate_weights)  # (batch, num_labels)
+        loss = nn.functional.cross_entropy(logits, labels.to(device)) if labels is not None else None
+        return CLIPEnsembleOutput(
+            loss=loss,
+            logits=logits,
+            gate_weights=gate_weights,
+            per_backbone_logits=per_backbone_logits,
+            image_embeds=tuple(image_embeds),
+        )
+
+    @torch.no_grad()
+    def classify(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5) -> list[list[dict]]:
+        """Per image, the `top_k` labels with their probabilities: `[[{"label": ..., "score": ...}, ...], ...]`."""
+        was_training = self.training
+        self.eval()
+        probs = self(images=images).logits.softmax(dim=-1)
+        self.train(was_training)
+        top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+        return [
+            [{"label": self.config.labels[i], "score": float(s)} for s, i in zip(scores, indices.tolist())]
+            for scores, indices in zip(top.values, top.indices)
+        ]
+
+    # Saving and loading: the config and the gate only (like a PEFT adapter).
+
+    def save_pretrained(self, save_directory: str | os.PathLike, repo_id: str | None = None, **_) -> None:
+        """Write `config.json`, `gate.safetensors` and a model card `README.md`; no backbone weight."""
+        save_directory = Path(save_directory)
+        if save_directory.is_file():
+            raise ValueError(f"save_directory '{save_directory}' is a file; give a folder.")
+        save_directory.mkdir(parents=True, exist_ok=True)
+        self.config.architectures = [type(self).__name__]
+        self.config.save_pretrained(save_directory)
+        gate_state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.gate.state_dict().items()}
+        # Write then rename, so an interrupted save never leaves a corrupt gate behind.
+        partial = save_directory / f".{GATE_WEIGHTS_NAME}.partial"
+        save_file(gate_state, partial, metadata={"format": "pt"})
+        os.replace(partial, save_directory / GATE_WEIGHTS_NAME)
+        build_model_card(self.config, repo_id=repo_id).save(save_directory / "README.md")
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload CLIP ensemble gate",
+        create_pr: bool = False,
+    ):
+        """Upload the config, the gate and the model card to `repo_id` (created if needed); returns the commit."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, repo_id=repo_id)
+            operations = [
+                CommitOperationAdd(path_in_repo=file.name, path_or_fileobj=str(file))
+                for file in sorted(Path(folder).iterdir())
+            ]
+            return api.create_commit(
+                repo_id,
+                operations=operations,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        config: CLIPEnsembleConfig | None = None,
+        revision: str | None = None,
+        token: str | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool = False,
+        **backbone_kwargs,
+    ) -> CLIPEnsembleModel:
+        """Load a saved ensemble: each backbone from its own repo at its pinned revision, then the gate, strictly.
+
+        Extra keyword arguments (e.g. `dtype`) go to each backbone's `from_pretrained`.
+        """
+        for hub_only in ("force_download", "proxies", "subfolder", "trust_remote_code"):
+            backbone_kwargs.pop(hub_only, None)
+        hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
+        path = str(pretrained_model_name_or_path)
+        if config is None:
+            config = CLIPEnsembleConfig.from_pretrained(path, **hub)
+        if os.path.isdir(path):
+            gate_file = os.path.join(path, GATE_WEIGHTS_NAME)
+            if not os.path.isfile(gate_file):
+                raise ValueError(f"'{path}' has no {GATE_WEIGHTS_NAME}; save the ensemble with `save_pretrained`.")
+        else:
+            gate_file = hf_hub_download(path, GATE_WEIGHTS_NAME, **hub)
+        backbones = [load_backbone(entry, **backbone_kwargs) for entry in config.backbones]
+        model = cls(config, backbones)
+        model.load_gate(gate_file)
+        model.eval()
+        return model
+
+    def load_gate(self, gate_file: str | os.PathLike) -> None:
+        """Load gate weights strictly: missing, unexpected or mis-shaped tensors raise a `ValueError`."""
+        try:
+            with safe_open(gate_file, framework="pt") as weights:
+                state = {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"Gate file '{gate_file}' is corrupted or not a safetensors file ({error}); re-download it or "
+                "save the ensemble again."
+            ) from error
+        expected = self.gate.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"Gate file '{gate_file}' does not match the gate: missing keys {missing}, unexpected keys "
+                f"{unexpected}. It was saved by another version or another model."
+            )
+        mismatched = [
+            f"{name}: file {tuple(state[name].shape)} vs config {tuple(tensor.shape)}"
+            for name, tensor in expected.items()
+            if state[name].shape != tensor.shape
+        ]
+        if mismatched:
+            raise ValueError(
+                f"Gate file '{gate_file}' has shapes that do not match the config ({'; '.join(mismatched)}): "
+                "the config's backbones, their embedding widths or gate_hidden_size differ from the gate's."
+            )
+        self.gate.load_state_dict(state, strict=True)
+
+
+__all__ = ["CLIPEnsembleModel", "CLIPEnsembleOutput", "GATE_WEIGHTS_NAME"]

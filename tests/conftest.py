@@ -1,0 +1,49 @@
+"""Offline fixtures: tiny CLIP backbones built in code, and a private Hugging Face cache."""
+
+import os
+import tempfile
+
+# Before anything imports huggingface_hub: no network, and a cache of our own that tests fill.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="clip-ensemble-hf-home-")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hashlib  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from huggingface_hub import constants  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from clip_ensemble.toy import save_tiny_clip  # noqa: E402
+
+# Three backbones with different embedding widths and image sizes, like a real mixed ensemble.
+TINY_BACKBONES = {
+    "a": {"hidden_size": 32, "projection_dim": 16, "image_size": 30, "patch_size": 6, "seed": 0},
+    "b": {"hidden_size": 48, "projection_dim": 24, "image_size": 36, "patch_size": 6, "seed": 1},
+    "c": {"hidden_size": 32, "projection_dim": 20, "image_size": 28, "patch_size": 7, "seed": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def backbone_dirs(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("backbones")
+    return [str(save_tiny_clip(root / name, **kwargs)) for name, kwargs in TINY_BACKBONES.items()]
+
+
+@pytest.fixture
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (40 + 5 * i, 50, 3), dtype=np.uint8)) for i in range(4)]
+
+
+def put_in_hub_cache(folder: str | Path, repo_id: str) -> str:
+    """Copy `folder` into the hub cache layout as `repo_id` at main; returns the fake commit hash."""
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo_dir = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo_dir / "snapshots" / commit, dirs_exist_ok=True)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return commit
