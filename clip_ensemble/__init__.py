@@ -3,7 +3,11 @@
 from transformers import AutoConfig, AutoModel
 
 from .backbones import TransformersBackbone, load_backbone
+from .calibration import CalibrationReport, calibrate
 from .configuration_clip_ensemble import CLIPEnsembleConfig
+from .data import LabelledImages, from_hub_dataset, from_image_folder, from_lists, sample_few_shot
+from .evaluation import EvaluationReport, evaluate
+from .features import FeatureCache
 from .gate import EnsembleGate, combine_logits
 from .modeling_clip_ensemble import CLIPEnsembleModel, CLIPEnsembleOutput
 from .processing_clip_ensemble import CLIPEnsembleProcessor, load_image, load_images
@@ -16,6 +20,16 @@ AutoModel.register(CLIPEnsembleConfig, CLIPEnsembleModel)
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationReport",
+    "EvaluationReport",
+    "FeatureCache",
+    "LabelledImages",
+    "calibrate",
+    "evaluate",
+    "from_hub_dataset",
+    "from_image_folder",
+    "from_lists",
+    "sample_few_shot",
     "CLIPEnsembleConfig",
     "CLIPEnsembleModel",
     "CLIPEnsembleOutput",

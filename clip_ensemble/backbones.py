@@ -100,6 +100,23 @@ class TransformersBackbone(nn.Module):
         features = _as_tensor(self.model.get_text_features(**inputs))
         return nn.functional.normalize(features.float(), dim=-1)
 
+    def cache_key(self) -> dict:
+        """What determines this backbone's image embeddings; the feature cache hashes it."""
+        key = {
+            "library": "transformers",
+            "name_or_path": self.name_or_path,
+            "revision": self.revision,
+            "config": self.model.config.to_dict(),
+            "preprocessing": self.processor.image_processor.to_dict(),
+            "dtype": str(self.dtype),
+        }
+        if os.path.isdir(self.name_or_path):
+            # A local folder has no commit: its weight files' sizes and times stand in for one.
+            key["files"] = sorted(
+                (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(self.name_or_path).glob("*.safetensors")
+            )
+        return key
+
     def describe(self) -> dict:
         """The config entry that points back at this backbone."""
         return {"name_or_path": self.name_or_path, "revision": self.revision, "embed_dim": self.embed_dim}

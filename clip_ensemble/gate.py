@@ -21,10 +21,12 @@ class EnsembleGate(nn.Module):
         self.num_backbones = len(embed_dims)
         self.fc1 = nn.Linear(sum(embed_dims), hidden_size)
         self.fc2 = nn.Linear(hidden_size, self.num_backbones)
-        self.reset_output_layer()
+        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_output_layer(self) -> None:
+    def reset_parameters(self) -> None:
+        """Random hidden layer, output layer at the plain-averaging point."""
+        self.fc1.reset_parameters()
         self.fc2.weight.zero_()
         uniform = 1.0 / self.num_backbones
         # softplus(b) = 1/B  <=>  b = log(exp(1/B) - 1); softmax of equal logits is already 1/B.

@@ -167,6 +167,23 @@ class CLIPEnsembleModel(PreTrainedModel):
             )
         return [backbone.encode_images(pixels) for backbone, pixels in zip(self.backbones, pixel_values)]
 
+    def zero_shot_logits(self, image_embeds: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-backbone normalised embeddings -> (batch, num_backbones, num_labels): z_b = s_b * e_b @ W_b^T."""
+        if len(image_embeds) != len(self.backbones):
+            raise ValueError(
+                f"Got image_embeds for {len(image_embeds)} backbones, the ensemble has {len(self.backbones)}."
+            )
+        for index, (embeds, width) in enumerate(zip(image_embeds, self.embed_dims)):
+            if embeds.shape[-1] != width:
+                raise ValueError(f"image_embeds[{index}] has width {embeds.shape[-1]}, backbone {index} has {width}.")
+        return torch.stack(
+            [
+                backbone.logit_scale * embeds @ head.to(embeds.device).T
+                for backbone, embeds, head in zip(self.backbones, image_embeds, self.zero_shot_heads)
+            ],
+            dim=1,
+        )
+
     def forward(
         self,
         pixel_values: Sequence[torch.Tensor] | None = None,
@@ -191,17 +208,7 @@ class CLIPEnsembleModel(PreTrainedModel):
             image_embeds = self.encode_images(pixel_values)
         device = self.gate.fc1.weight.device
         image_embeds = [embeds.to(device, torch.float32) for embeds in image_embeds]
-        for index, (embeds, width) in enumerate(zip(image_embeds, self.embed_dims)):
-            if embeds.shape[-1] != width:
-                raise ValueError(f"image_embeds[{index}] has width {embeds.shape[-1]}, backbone {index} has {width}.")
-
-        per_backbone_logits = torch.stack(
-            [
-                backbone.logit_scale * embeds @ head.to(device).T
-                for backbone, embeds, head in zip(self.backbones, image_embeds, self.zero_shot_heads)
-            ],
-            dim=1,
-        )  # (batch, num_backbones, num_labels)
+        per_backbone_logits = self.zero_shot_logits(image_embeds)  # (batch, num_backbones, num_labels)
         gate_weights = self.gate(torch.cat(image_embeds, dim=-1))  # (batch, num_backbones)
         logits = combine_logits(per_backbone_logits, gate_weights)  # (batch, num_labels)
         loss = nn.functional.cross_entropy(logits, labels.to(device)) if labels is not None else None

@@ -47,3 +47,11 @@ def put_in_hub_cache(folder: str | Path, repo_id: str) -> str:
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
     (repo_dir / "refs" / "main").write_text(commit)
     return commit
+
+
+@pytest.fixture(scope="session")
+def toy_backbone_dirs(tmp_path_factory) -> list[str]:
+    """Three tiny CLIPs trained here in seconds, each confidently wrong on a different pair of classes."""
+    from clip_ensemble.toy import toy_backbones
+
+    return toy_backbones(tmp_path_factory.mktemp("toy-backbones"))

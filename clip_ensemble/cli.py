@@ -1,0 +1,168 @@
+"""The `clip-ensemble` command line: calibrate, evaluate, predict, and an offline demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  clip-ensemble demo
+  clip-ensemble calibrate --backbones openai/clip-vit-base-patch32 openai/clip-vit-base-patch16 \\
+      --dataset tanganke/eurosat --shots 4 --output eurosat-gate
+  clip-ensemble calibrate --backbones ./clip-a ./clip-b --dataset ./photos --shots 2 --output my-gate \\
+      --push-to-hub me/my-gate
+  clip-ensemble evaluate eurosat-gate --dataset tanganke/eurosat --split test --json results.json
+  clip-ensemble predict eurosat-gate photo1.jpg photo2.png --top-k 3
+"""
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, default_split: str) -> None:
+    parser.add_argument("--dataset", required=True, help="Hub dataset id, or a folder with one sub-folder per class")
+    parser.add_argument("--split", default=default_split, help=f"dataset split (default: {default_split})")
+    parser.add_argument("--image-column", help="image column of a Hub dataset (detected if omitted)")
+    parser.add_argument("--label-column", help="label column of a Hub dataset (detected if omitted)")
+    parser.add_argument("--cache-dir", help="feature cache folder (default: $HF_HOME/clip_ensemble/features)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per backbone forward pass")
+
+
+def _load_data(args):
+    from .data import load_labelled_data
+
+    columns = {k: v for k, v in (("image_column", args.image_column), ("label_column", args.label_column)) if v}
+    return load_labelled_data(args.dataset, split=args.split, **columns)
+
+
+def _cache(args):
+    from .features import FeatureCache
+
+    return FeatureCache(args.cache_dir) if args.cache_dir else FeatureCache()
+
+
+def _calibrate(args) -> None:
+    from .calibration import calibrate
+    from .evaluation import evaluate
+    from .modeling_clip_ensemble import CLIPEnsembleModel
+
+    data = _load_data(args)
+    model = CLIPEnsembleModel.from_backbones(
+        args.backbones, labels=data.label_names, templates=args.templates, combination=args.combination
+    )
+    report = calibrate(model, data, shots=args.shots, seed=args.seed, cache=_cache(args), batch_size=args.batch_size)
+    print(report)
+    model.save_pretrained(args.output)
+    print(f"Saved the gate and config to {args.output}")
+    if args.eval_split:
+        args.split = args.eval_split
+        print(evaluate(model, _load_data(args), cache=_cache(args), batch_size=args.batch_size).table())
+    if args.push_to_hub:
+        commit = model.push_to_hub(args.push_to_hub)
+        print(f"Pushed to {commit.commit_url}")
+
+
+def _evaluate(args) -> None:
+    from .evaluation import evaluate
+    from .modeling_clip_ensemble import CLIPEnsembleModel
+
+    model = CLIPEnsembleModel.from_pretrained(args.model)
+    report = evaluate(model, _load_data(args), cache=_cache(args), batch_size=args.batch_size)
+    print(report.table())
+    if args.json:
+        report.to_json(args.json)
+        print(f"Wrote {args.json}")
+
+
+def _predict(args) -> None:
+    from .modeling_clip_ensemble import CLIPEnsembleModel
+
+    model = CLIPEnsembleModel.from_pretrained(args.model)
+    predictions = model.classify(args.images, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(dict(zip(args.images, predictions)), indent=2))
+        return
+    for image, top in zip(args.images, predictions):
+        print(f"{image}: " + ", ".join(f"{p['label']} ({100 * p['score']:.1f}%)" for p in top))
+
+
+def _demo(args) -> None:
+    """Offline: train three toy CLIPs that disagree, calibrate a gate on a few shots, compare on held-out data."""
+    from huggingface_hub import constants
+
+    from .calibration import calibrate
+    from .evaluation import evaluate
+    from .features import FeatureCache
+    from .modeling_clip_ensemble import CLIPEnsembleModel
+    from .toy import TOY_CLASSES, toy_backbones, toy_dataset
+
+    root = Path(args.workdir or Path(constants.HF_HOME) / "clip_ensemble" / "toy-backbones")
+    print(f"Training three toy CLIP backbones in {root} (once, a few seconds each)...")
+    folders = toy_backbones(root)
+    model = CLIPEnsembleModel.from_backbones(folders, labels=list(TOY_CLASSES))
+    cache = FeatureCache(None)
+    test = toy_dataset(per_class=50, seed=7)
+    print(f"\nBefore calibration (the gate is plain logit averaging):\n{evaluate(model, test, cache=cache).table()}\n")
+    report = calibrate(model, toy_dataset(per_class=16, seed=3), shots=args.shots, seed=0, cache=cache)
+    print(f"{report}\n\nAfter calibration, on held-out images:\n{evaluate(model, test, cache=cache).table()}")
+    model.save_pretrained(args.output)
+    print(f"\nSaved the calibrated gate to {args.output}; load it with CLIPEnsembleModel.from_pretrained.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clip-ensemble",
+        description="Adaptive ensembles of CLIP backbones: calibrate a gate on a few labelled images per class.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    calibrate = commands.add_parser("calibrate", help="train a gate on k labelled images per class and save it")
+    calibrate.add_argument("--backbones", nargs="+", required=True, help="CLIP repo ids or local folders")
+    _add_data_arguments(calibrate, default_split="train")
+    calibrate.add_argument("--shots", type=int, default=4, help="labelled images per class (default: 4)")
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the k-shot draw and the gate (default: 0)")
+    calibrate.add_argument("--templates", default="short", help="prompt template set (default: short)")
+    calibrate.add_argument("--combination", default="softplus", choices=["softplus", "softmax", "top1"])
+    calibrate.add_argument("--output", required=True, help="folder for config.json, gate.safetensors, README.md")
+    calibrate.add_argument("--eval-split", help="also evaluate on this split of the dataset")
+    calibrate.add_argument("--push-to-hub", metavar="REPO", help="push the gate to this Hub repo")
+    calibrate.set_defaults(run=_calibrate)
+
+    evaluate = commands.add_parser("evaluate", help="compare the gate with every backbone and the baselines")
+    evaluate.add_argument("model", help="a saved ensemble: folder or Hub repo id")
+    _add_data_arguments(evaluate, default_split="test")
+    evaluate.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    evaluate.set_defaults(run=_evaluate)
+
+    predict = commands.add_parser("predict", help="classify images with a saved ensemble")
+    predict.add_argument("model", help="a saved ensemble: folder or Hub repo id")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.set_defaults(run=_predict)
+
+    demo = commands.add_parser("demo", help="offline demo on toy backbones trained in seconds")
+    demo.add_argument("--shots", type=int, default=4)
+    demo.add_argument("--output", default="clip-ensemble-demo", help="where to save the calibrated gate")
+    demo.add_argument("--workdir", help="where to keep the toy backbones")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,181 @@
+"""Labelled images from a Hub dataset, an image folder or Python lists, and stratified k-shot sampling."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .processing_clip_ensemble import ImageInput
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_IMAGE_COLUMNS = ("image", "img", "picture", "pixel_values")
+_LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
+
+
+@dataclass
+class LabelledImages:
+    """Images with integer labels into `label_names`.
+
+    `images` is any indexable sequence of what `load_image` accepts (PIL images, paths, bytes): a list, or a
+    lazily decoded `datasets` column, so large datasets are not held in memory.
+    """
+
+    images: Sequence[ImageInput]
+    labels: list[int]
+    label_names: list[str]
+    name: str = "data"
+
+    def __post_init__(self):
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels.")
+        if not self.label_names:
+            raise ValueError(f"{self.name}: no label names.")
+        bad = sorted({label for label in self.labels if not 0 <= label < len(self.label_names)})
+        if bad:
+            raise ValueError(f"{self.name}: labels {bad[:10]} are outside 0..{len(self.label_names) - 1}.")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def counts(self) -> dict[str, int]:
+        """Images per label name."""
+        per_class = np.bincount(self.labels, minlength=len(self.label_names))
+        return dict(zip(self.label_names, per_class.tolist()))
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> LabelledImages:
+        return LabelledImages(
+            images=[self.images[i] for i in indices],
+            labels=[self.labels[i] for i in indices],
+            label_names=self.label_names,
+            name=name or self.name,
+        )
+
+
+def from_lists(
+    images: Sequence[ImageInput], labels: Sequence[int | str], label_names: Sequence[str] | None = None
+) -> LabelledImages:
+    """Images with labels given as names (label set: sorted unique names, unless given) or as indices."""
+    if label_names is None:
+        if not all(isinstance(label, str) for label in labels):
+            raise ValueError("Integer labels need `label_names`; or pass the labels as class names.")
+        label_names = sorted(set(labels))
+    label_names = list(label_names)
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted({label for label in labels if isinstance(label, str) and label not in index})
+    if unknown:
+        raise ValueError(f"Labels {unknown} are not in label_names {label_names}.")
+    return LabelledImages(
+        list(images), [index[x] if isinstance(x, str) else int(x) for x in labels], label_names, "lists"
+    )
+
+
+def from_image_folder(folder: str | os.PathLike) -> LabelledImages:
+    """`folder/<class name>/<image files>`: one sub-folder per class, named by its label."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"'{folder}' is not a folder; give a folder with one sub-folder of images per class.")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    images, labels = [], []
+    for label, class_name in enumerate(classes):
+        files = sorted(p for p in (folder / class_name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        images += [str(p) for p in files]
+        labels += [label] * len(files)
+    if not images:
+        raise ValueError(
+            f"'{folder}' holds no images in class sub-folders; expected e.g. '{folder}/cat/1.jpg' "
+            f"(suffixes {', '.join(IMAGE_SUFFIXES)})."
+        )
+    return LabelledImages(images, labels, classes, folder.name)
+
+
+def _pick_column(columns: list[str], given: str | None, candidates: tuple[str, ...], what: str) -> str:
+    if given is not None:
+        if given not in columns:
+            raise ValueError(f"{what} column '{given}' not found; the dataset has the columns {sorted(columns)}.")
+        return given
+    for name in candidates:
+        if name in columns:
+            return name
+    raise ValueError(
+        f"Could not detect the {what} column: expected one of {list(candidates)}, but only the columns "
+        f"{sorted(columns)} were found; name it with `{what}_column=`."
+    )
+
+
+def from_hub_dataset(
+    dataset,
+    split: str = "train",
+    image_column: str | None = None,
+    label_column: str | None = None,
+    label_names: Sequence[str] | None = None,
+) -> LabelledImages:
+    """A `datasets.Dataset`, or a Hub dataset id loaded with `datasets.load_dataset(id, split=split)`.
+
+    Image and label columns are detected unless named; a `ClassLabel` column gives the label names.
+    """
+    import datasets
+
+    name = dataset if isinstance(dataset, str) else None
+    if isinstance(dataset, str):
+        dataset = datasets.load_dataset(dataset, split=split)
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"Split '{split}' not found; the dataset has the splits {sorted(dataset)}.")
+        dataset = dataset[split]
+    name = name or dataset.info.dataset_name or "dataset"
+    columns = list(dataset.column_names)
+    image_column = _pick_column(columns, image_column, _IMAGE_COLUMNS, "image")
+    label_column = _pick_column(columns, label_column, _LABEL_COLUMNS, "label")
+    feature = dataset.features[label_column]
+    labels = list(dataset[label_column])
+    if label_names is None and isinstance(feature, datasets.ClassLabel):
+        label_names = feature.names
+    if label_names is None:
+        if not all(isinstance(label, str) for label in labels):
+            raise ValueError(
+                f"Label column '{label_column}' is not a ClassLabel and holds no names; pass `label_names`."
+            )
+        data = from_lists(dataset[image_column], labels)
+        data.name = name
+        return data
+    return LabelledImages(dataset[image_column], [int(x) for x in labels], list(label_names), name)
+
+
+def load_labelled_data(source, split: str = "train", **columns) -> LabelledImages:
+    """Dispatch: `LabelledImages` as is, an image folder, a `datasets` dataset, or a Hub dataset id."""
+    if isinstance(source, LabelledImages):
+        return source
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        return from_image_folder(source)
+    return from_hub_dataset(source, split=split, **columns)
+
+
+def sample_few_shot(data: LabelledImages, shots: int, seed: int = 0) -> list[int]:
+    """Indices of `shots` images per class, drawn with `seed`; sorted by class, then draw order."""
+    if not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"shots={shots!r}; give a positive number of images per class, e.g. shots=4.")
+    labels = np.asarray(data.labels)
+    short = {name: count for name, count in data.counts().items() if count < shots}
+    if short:
+        name, count = next(iter(short.items()))
+        raise ValueError(
+            f"shots={shots} but class '{name}' has only {count} images in '{data.name}'"
+            + (f" ({len(short) - 1} more classes are short too)" if len(short) > 1 else "")
+            + "; lower `shots` or pass more data."
+        )
+    rng = np.random.default_rng(seed)
+    return [int(i) for c in range(len(data.label_names)) for i in rng.permutation(np.flatnonzero(labels == c))[:shots]]
+
+
+__all__ = [
+    "LabelledImages",
+    "from_hub_dataset",
+    "from_image_folder",
+    "from_lists",
+    "load_labelled_data",
+    "sample_few_shot",
+]

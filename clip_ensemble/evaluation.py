@@ -1,0 +1,176 @@
+"""Evaluation on one labelled split: every backbone, the baselines, the gate and the oracle, side by side."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from .calibration import backbone_names
+from .data import LabelledImages, load_labelled_data
+from .features import FeatureCache
+from .metrics import mean_per_class_recall, per_class_recall, top_k_accuracy
+from .modeling_clip_ensemble import CLIPEnsembleModel
+
+ORACLE = "oracle (any backbone right)"
+
+
+@dataclass
+class EvaluationReport:
+    """Metrics per method on one split; `ranked[method]` holds each image's top-5 label indices.
+
+    The oracle has no ranking: `oracle_correct` holds its (n, 2) top-1 / top-5 hits.
+    """
+
+    dataset: str
+    label_names: list[str]
+    labels: torch.Tensor  # (n,)
+    ranked: dict[str, torch.Tensor]  # method -> (n, min(5, C)) label indices, best first
+    oracle_correct: torch.Tensor  # (n, 2) bool
+    gate_weights: torch.Tensor  # (n, B)
+    backbones: list[str]
+    best_single: str | None  # the backbone chosen on calibration data
+
+    def rows(self) -> list[dict]:
+        """One dict per method: top-1, top-5 accuracy and mean per-class recall (fractions)."""
+        num_classes = len(self.label_names)
+        rows = [
+            {
+                "method": method,
+                "top1": top_k_accuracy(ranked, self.labels, 1),
+                "top5": top_k_accuracy(ranked, self.labels, 5),
+                "mean_per_class_recall": mean_per_class_recall(ranked[:, 0], self.labels, num_classes),
+            }
+            for method, ranked in self.ranked.items()
+        ]
+        top1, top5 = self.oracle_correct.float().mean(0).tolist()
+        # The oracle's prediction is the label itself wherever some backbone is right.
+        oracle_pred = torch.where(self.oracle_correct[:, 0], self.labels, -1)
+        recall = mean_per_class_recall(oracle_pred, self.labels, num_classes)
+        return [*rows, {"method": ORACLE, "top1": top1, "top5": top5, "mean_per_class_recall": recall}]
+
+    def per_class_accuracy(self, method: str) -> dict[str, float]:
+        recall = per_class_recall(self.ranked[method][:, 0], self.labels, len(self.label_names))
+        return dict(zip(self.label_names, recall.tolist()))
+
+    def to_dict(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "num_images": len(self.labels),
+            "num_labels": len(self.label_names),
+            "backbones": self.backbones,
+            "best_single_backbone": self.best_single,
+            "results": self.rows(),
+        }
+
+    def to_json(self, path=None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    def table(self) -> str:
+        """A Markdown table, accuracies in percent."""
+        lines = [
+            f"{self.dataset}: {len(self.labels)} images, {len(self.label_names)} labels",
+            "",
+            "| method | top-1 | top-5 | mean per-class recall |",
+            "|---|---:|---:|---:|",
+        ]
+        for row in self.rows():
+            lines.append(
+                f"| {row['method']} | {100 * row['top1']:.2f} | {100 * row['top5']:.2f} "
+                f"| {100 * row['mean_per_class_recall']:.2f} |"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _align_labels(model: CLIPEnsembleModel, data: LabelledImages) -> list[int]:
+    """The data's labels as indices into the model's labels; every data label must be a model label."""
+    index = {name: i for i, name in enumerate(model.labels)}
+    unknown = sorted(set(data.label_names) - set(index))
+    if unknown:
+        raise ValueError(
+            f"The data has labels the model does not know: {unknown[:10]}"
+            + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            + f". The model's labels are {model.labels[:10]}{' ...' if len(model.labels) > 10 else ''}; "
+            "call `model.set_labels(data.label_names)` (and calibrate again) to switch label sets."
+        )
+    return [index[data.label_names[label]] for label in data.labels]
+
+
+@torch.no_grad()
+def evaluate(
+    model: CLIPEnsembleModel,
+    data,
+    *,
+    split: str = "test",
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    chunk_size: int = 1024,
+    progress: bool = True,
+) -> EvaluationReport:
+    """Every backbone alone, the best single backbone (chosen on calibration data), mean of logits, mean of
+    probabilities, majority vote, the gate, and the oracle, on one labelled split.
+
+    `data` is a `LabelledImages`, an image folder, a `datasets.Dataset` or a Hub dataset id (with `split`).
+    """
+    data = load_labelled_data(data, split=split)
+    labels = torch.tensor(_align_labels(model, data))
+    cache = FeatureCache() if cache is None else cache
+    embeds = cache.embed(model.backbones, data.images, batch_size=batch_size, progress=progress)
+    names = backbone_names(model)
+    model.eval()
+    gate_name = "gate" if model.config.calibration else "gate (uncalibrated: mean of logits)"
+    methods = [*names, "mean of logits", "mean of probabilities", "majority vote", gate_name]
+    ranked: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+    oracle, gate_weights = [], []
+    k = min(5, len(model.labels))
+    for start in range(0, len(labels), chunk_size):
+        chunk_embeds = [e[start : start + chunk_size] for e in embeds]
+        out = model(image_embeds=chunk_embeds)
+        logits = out.per_backbone_logits.cpu()  # (chunk, B, C)
+        y = labels[start : start + chunk_size]
+        votes = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).sum(1).float()  # (chunk, C)
+        mean_probs = logits.softmax(-1).mean(1)
+        scores = {
+            **{name: logits[:, b] for b, name in enumerate(names)},
+            "mean of logits": logits.mean(1),
+            "mean of probabilities": mean_probs,
+            "majority vote": votes + 0.5 * mean_probs,  # ties between vote counts go to the higher mean probability
+            gate_name: out.logits.cpu(),
+        }
+        for method, score in scores.items():
+            ranked[method].append(score.topk(k, dim=-1).indices)
+        per_backbone_top = logits.topk(k, dim=-1).indices  # (chunk, B, k)
+        hits = per_backbone_top == y[:, None, None]
+        oracle.append(torch.stack([hits[..., 0].any(1), hits.any(-1).any(1)], dim=1))
+        gate_weights.append(out.gate_weights.cpu())
+
+    calibration = model.config.calibration or {}
+    best_single = calibration.get("best_single_backbone")
+    ranked_tensors = {m: torch.cat(r) for m, r in ranked.items()}
+    if best_single in names:
+        ranked_tensors = {
+            **{m: ranked_tensors[m] for m in names},
+            f"best single ({best_single}, chosen on calibration data)": ranked_tensors[best_single],
+            **{m: ranked_tensors[m] for m in methods[len(names) :]},
+        }
+    return EvaluationReport(
+        dataset=data.name,
+        label_names=model.labels,
+        labels=labels,
+        ranked=ranked_tensors,
+        oracle_correct=torch.cat(oracle),
+        gate_weights=torch.cat(gate_weights),
+        backbones=names,
+        best_single=best_single if best_single in names else None,
+    )
+
+
+__all__ = ["ORACLE", "EvaluationReport", "evaluate"]

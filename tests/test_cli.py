@@ -1,0 +1,55 @@
+import json
+
+import pytest
+
+from clip_ensemble import CLIPEnsembleModel
+from clip_ensemble.cli import main
+from clip_ensemble.toy import TOY_CLASSES, toy_dataset
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Toy images saved as `class/image.png`, the layout users keep their photos in."""
+    root = tmp_path_factory.mktemp("photos")
+    data = toy_dataset(per_class=6, seed=11)
+    for i, (image, label) in enumerate(zip(data.images, data.labels)):
+        folder = root / TOY_CLASSES[label]
+        folder.mkdir(exist_ok=True)
+        image.save(folder / f"{i}.png")
+    return root
+
+
+def test_calibrate_evaluate_predict(toy_backbone_dirs, image_folder, tmp_path, capsys):
+    output, cache = tmp_path / "gate", tmp_path / "cache"
+    args = ["--dataset", str(image_folder), "--cache-dir", str(cache)]
+    assert main(["calibrate", "--backbones", *toy_backbone_dirs, *args, "--shots", "2", "--output", str(output)]) == 0
+    assert "2 shots per class" in capsys.readouterr().out
+    assert {p.name for p in output.iterdir()} == {"config.json", "gate.safetensors", "README.md"}
+    assert CLIPEnsembleModel.from_pretrained(output).labels == sorted(TOY_CLASSES)
+
+    assert main(["evaluate", str(output), *args, "--json", str(tmp_path / "r.json")]) == 0
+    assert "| gate |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["num_images"] == 36
+
+    image = next((image_folder / "teal").iterdir())
+    assert main(["predict", str(output), str(image), "--top-k", "2", "--json"]) == 0
+    predictions = json.loads(capsys.readouterr().out)[str(image)]
+    assert len(predictions) == 2 and predictions[0]["label"] in TOY_CLASSES
+
+
+def test_errors_exit_non_zero_with_the_fix(toy_backbone_dirs, image_folder, tmp_path, capsys):
+    code = main(
+        ["calibrate", "--backbones", toy_backbone_dirs[0], "--dataset", str(image_folder), "--shots", "9"]
+        + ["--output", str(tmp_path / "gate"), "--cache-dir", str(tmp_path)]
+    )
+    assert code == 2
+    assert "error: shots=9 but class 'blue' has only 6 images" in capsys.readouterr().err
+    assert not (tmp_path / "gate").exists()
+    assert main(["predict", str(tmp_path / "nothing-here"), "x.png"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_help_shows_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "clip-ensemble calibrate --backbones" in capsys.readouterr().out
