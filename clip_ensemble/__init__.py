@@ -2,10 +2,11 @@
 
 from transformers import AutoConfig, AutoModel
 
-from .backbones import TransformersBackbone, load_backbone
+from .backbones import Backbone, TransformersBackbone, load_backbone
 from .configuration_clip_ensemble import CLIPEnsembleConfig
 from .gate import EnsembleGate, combine_logits
 from .modeling_clip_ensemble import CLIPEnsembleModel, CLIPEnsembleOutput
+from .open_clip_backbone import OpenCLIPBackbone
 from .processing_clip_ensemble import CLIPEnsembleProcessor, load_image, load_images
 from .templates import OPENAI_IMAGENET_TEMPLATES, SHORT_TEMPLATES, TEMPLATE_SETS
 from .zero_shot import build_zero_shot_classifier
@@ -16,12 +17,14 @@ AutoModel.register(CLIPEnsembleConfig, CLIPEnsembleModel)
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backbone",
     "CLIPEnsembleConfig",
     "CLIPEnsembleModel",
     "CLIPEnsembleOutput",
     "CLIPEnsembleProcessor",
     "EnsembleGate",
     "OPENAI_IMAGENET_TEMPLATES",
+    "OpenCLIPBackbone",
     "SHORT_TEMPLATES",
     "TEMPLATE_SETS",
     "TransformersBackbone",
