@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModel
 
-from .backbones import TransformersBackbone, load_backbone
+from .backbones import Backbone, TransformersBackbone, load_backbone
 from .calibration import CalibrationReport, calibrate
 from .configuration_clip_ensemble import CLIPEnsembleConfig
 from .data import LabelledImages, from_hub_dataset, from_image_folder, from_lists, sample_few_shot
@@ -10,6 +10,7 @@ from .evaluation import EvaluationReport, evaluate
 from .features import FeatureCache
 from .gate import EnsembleGate, combine_logits
 from .modeling_clip_ensemble import CLIPEnsembleModel, CLIPEnsembleOutput
+from .open_clip_backbone import OpenCLIPBackbone
 from .processing_clip_ensemble import CLIPEnsembleProcessor, load_image, load_images
 from .templates import OPENAI_IMAGENET_TEMPLATES, SHORT_TEMPLATES, TEMPLATE_SETS
 from .zero_shot import build_zero_shot_classifier
@@ -30,12 +31,14 @@ __all__ = [
     "from_image_folder",
     "from_lists",
     "sample_few_shot",
+    "Backbone",
     "CLIPEnsembleConfig",
     "CLIPEnsembleModel",
     "CLIPEnsembleOutput",
     "CLIPEnsembleProcessor",
     "EnsembleGate",
     "OPENAI_IMAGENET_TEMPLATES",
+    "OpenCLIPBackbone",
     "SHORT_TEMPLATES",
     "TEMPLATE_SETS",
     "TransformersBackbone",

@@ -13,6 +13,9 @@ from transformers import AutoModel, AutoProcessor
 
 # OpenAI CLIP's learned logit scale is capped at log(100); used when a model has none.
 _DEFAULT_LOGIT_SCALE = 100.0
+# Backbone ids with these prefixes are OpenCLIP models (open_clip_backbone.py); any other is a transformers model.
+HF_HUB_PREFIX = "hf-hub:"
+LOCAL_DIR_PREFIX = "local-dir:"
 
 
 def _as_tensor(features) -> torch.Tensor:
@@ -29,7 +32,32 @@ def _pinned_revision(name_or_path: str, revision: str | None) -> str | None:
     return config_file.parent.name if config_file.parent.parent.name == "snapshots" else revision
 
 
-class TransformersBackbone(nn.Module):
+class Backbone(nn.Module):
+    """What the ensemble needs from one frozen CLIP-like model, whichever library provides it.
+
+    Subclasses set `self.model` (the wrapped module), `name_or_path` and `revision`, and implement `from_pretrained`,
+    `embed_dim`, `logit_scale`, `preprocess`, `encode_images`, `encode_texts` and `cache_key` (what determines the
+    image embeddings, for the feature cache); the embeddings they return are L2-normalised float32 of shape
+    (batch, embed_dim).
+    """
+
+    name_or_path: str
+    revision: str | None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def describe(self) -> dict:
+        """The config entry that points back at this backbone."""
+        return {"name_or_path": self.name_or_path, "revision": self.revision, "embed_dim": self.embed_dim}
+
+
+class TransformersBackbone(Backbone):
     """A transformers model with `get_image_features` and `get_text_features` (CLIP, SigLIP, AltCLIP, ...).
 
     `encode_images` and `encode_texts` return L2-normalised embeddings of shape (batch, embed_dim).
@@ -75,14 +103,6 @@ class TransformersBackbone(nn.Module):
         scale = getattr(self.model, "logit_scale", None)
         return float(scale.exp()) if scale is not None else _DEFAULT_LOGIT_SCALE
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images -> pixel values (batch, 3, height, width) with this backbone's resizing and normalisation."""
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
@@ -117,14 +137,19 @@ class TransformersBackbone(nn.Module):
             )
         return key
 
-    def describe(self) -> dict:
-        """The config entry that points back at this backbone."""
-        return {"name_or_path": self.name_or_path, "revision": self.revision, "embed_dim": self.embed_dim}
+
+def load_backbone(entry: dict, **model_kwargs) -> Backbone:
+    """Load one backbone from its config entry (repo id or folder, revision).
+
+    `hf-hub:org/name` and `local-dir:/path` are OpenCLIP models (the `[open-clip]` extra); any other repo id or
+    folder is a transformers model.
+    """
+    backbone_class = TransformersBackbone
+    if entry["name_or_path"].startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+        from .open_clip_backbone import OpenCLIPBackbone  # imported here: that module builds on this one
+
+        backbone_class = OpenCLIPBackbone
+    return backbone_class.from_pretrained(entry["name_or_path"], revision=entry.get("revision"), **model_kwargs)
 
 
-def load_backbone(entry: dict, **model_kwargs) -> TransformersBackbone:
-    """Load one backbone from its config entry (repo id or folder, revision)."""
-    return TransformersBackbone.from_pretrained(entry["name_or_path"], revision=entry.get("revision"), **model_kwargs)
-
-
-__all__ = ["TransformersBackbone", "load_backbone"]
+__all__ = ["Backbone", "HF_HUB_PREFIX", "LOCAL_DIR_PREFIX", "TransformersBackbone", "load_backbone"]

@@ -38,7 +38,9 @@ class CLIPEnsembleConfig(PretrainedConfig):
         backbones (`list[str | dict]`):
             The CLIP backbones, each a Hub repo id, a local folder, or a dict with `name_or_path`, `revision`
             (a branch, tag or commit; pin a commit for reproducible gates) and `embed_dim` (filled in when the
-            backbone is loaded). The order is the order of the gate's outputs.
+            backbone is loaded). Ids starting with `hf-hub:` or `local-dir:` are OpenCLIP models (the
+            `[open-clip]` extra), e.g. `hf-hub:timm/resnet50_clip.openai`. The order is the order of the gate's
+            outputs.
         labels (`list[str]`):
             The class names, unique and non-empty. `id2label` and `label2id` follow them.
         templates (`list[str] | str`, *optional*, defaults to `"short"`):

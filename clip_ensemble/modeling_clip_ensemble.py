@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .backbones import TransformersBackbone, load_backbone
+from .backbones import Backbone, load_backbone
 from .configuration_clip_ensemble import CLIPEnsembleConfig, _normalize_backbone
 from .gate import EnsembleGate, combine_logits
 from .modelcard import build_model_card
@@ -73,7 +73,7 @@ class CLIPEnsembleModel(PreTrainedModel):
     base_model_prefix = "clip_ensemble"
     main_input_name = "pixel_values"
 
-    def __init__(self, config: CLIPEnsembleConfig, backbones: Sequence[TransformersBackbone]):
+    def __init__(self, config: CLIPEnsembleConfig, backbones: Sequence[Backbone]):
         super().__init__(config)
         if not config.backbones:
             raise ValueError("The config lists no backbones; build the model with `from_backbones`.")
@@ -111,7 +111,7 @@ class CLIPEnsembleModel(PreTrainedModel):
     @classmethod
     def from_backbones(
         cls,
-        backbones: Sequence[str | dict | TransformersBackbone],
+        backbones: Sequence[str | dict | Backbone],
         labels: Sequence[str],
         templates: Sequence[str] | str = "short",
         **gate_settings,
@@ -123,9 +123,7 @@ class CLIPEnsembleModel(PreTrainedModel):
         if not backbones:
             raise ValueError("No backbones given: pass at least one CLIP repo id or local folder.")
         loaded = [
-            backbone
-            if isinstance(backbone, TransformersBackbone)
-            else load_backbone(_normalize_backbone(index, backbone))
+            backbone if isinstance(backbone, Backbone) else load_backbone(_normalize_backbone(index, backbone))
             for index, backbone in enumerate(backbones)
         ]
         config = CLIPEnsembleConfig(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from .data import LabelledImages
@@ -139,10 +141,36 @@ def toy_backbones(root: str | Path, steps: int = 100) -> list[str]:
     return folders
 
 
+def save_tiny_open_clip_resnet(folder: str | Path, embed_dim: int = 16, image_size: int = 64, seed: int = 0) -> Path:
+    """Save a randomly initialised OpenCLIP ResNet CLIP (the paper's ModifiedResNet, tiny) in OpenCLIP's hf-hub
+    layout, loadable as `local-dir:{folder}`. It uses OpenCLIP's own tokenizer, so the text tower keeps the full
+    49,408-token vocabulary (about 0.8M of its parameters). Needs the `[open-clip]` extra.
+    """
+    from .open_clip_backbone import CONFIG_NAME, WEIGHTS_NAME, import_open_clip
+
+    open_clip = import_open_clip()
+    # One bottleneck block per stage; the image is downsampled 32x, to 2x2 at image_size=64.
+    model_cfg = {
+        "embed_dim": embed_dim,
+        "quick_gelu": True,  # as in OpenAI's ResNets
+        "vision_cfg": {"image_size": image_size, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+    }
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**model_cfg).eval()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, folder / WEIGHTS_NAME)
+    preprocess_cfg = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
+    (folder / CONFIG_NAME).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
+    return folder
+
+
 __all__ = [
     "TOY_CLASSES",
     "draw_toy_image",
     "save_tiny_clip",
+    "save_tiny_open_clip_resnet",
     "tiny_clip",
     "tiny_tokenizer",
     "toy_backbones",

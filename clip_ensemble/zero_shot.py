@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .backbones import TransformersBackbone
+from .backbones import Backbone
 
 
 def build_zero_shot_classifier(
-    backbone: TransformersBackbone,
+    backbone: Backbone,
     labels: Sequence[str],
     templates: Sequence[str],
     batch_size: int = 256,
