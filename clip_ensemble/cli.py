@@ -10,8 +10,8 @@ from pathlib import Path
 EXAMPLES = """\
 examples:
   clip-ensemble demo
-  clip-ensemble calibrate --backbones openai/clip-vit-base-patch32 openai/clip-vit-base-patch16 \\
-      --dataset tanganke/eurosat --shots 4 --output eurosat-gate
+  clip-ensemble configs paper-openai-9
+  clip-ensemble calibrate --backbones openai-vit --dataset tanganke/eurosat --shots 4 --output eurosat-gate
   clip-ensemble calibrate --backbones ./clip-a ./clip-b --dataset ./photos --shots 2 --output my-gate \\
       --push-to-hub me/my-gate
   clip-ensemble evaluate eurosat-gate --dataset tanganke/eurosat --split test --json results.json
@@ -41,6 +41,15 @@ def _cache(args):
     return FeatureCache(args.cache_dir) if args.cache_dir else FeatureCache()
 
 
+def _backbones(values: list[str]) -> list:
+    """One curated set name or .json file (see `clip-ensemble configs`), or repo ids and folders."""
+    from .hub_configs import backbone_entries, list_configs
+
+    if len(values) == 1 and (values[0] in list_configs() or values[0].endswith(".json")):
+        return backbone_entries(values[0])
+    return values
+
+
 def _calibrate(args) -> None:
     from .calibration import calibrate
     from .evaluation import evaluate
@@ -48,7 +57,7 @@ def _calibrate(args) -> None:
 
     data = _load_data(args)
     model = CLIPEnsembleModel.from_backbones(
-        args.backbones, labels=data.label_names, templates=args.templates, combination=args.combination
+        _backbones(args.backbones), labels=data.label_names, templates=args.templates, combination=args.combination
     )
     report = calibrate(model, data, shots=args.shots, seed=args.seed, cache=_cache(args), batch_size=args.batch_size)
     print(report)
@@ -109,6 +118,12 @@ def _demo(args) -> None:
     print(f"\nSaved the calibrated gate to {args.output}; load it with CLIPEnsembleModel.from_pretrained.")
 
 
+def _configs(args) -> None:
+    from .hub_configs import format_config_table
+
+    print(format_config_table(args.name))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clip-ensemble",
@@ -119,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     calibrate = commands.add_parser("calibrate", help="train a gate on k labelled images per class and save it")
-    calibrate.add_argument("--backbones", nargs="+", required=True, help="CLIP repo ids or local folders")
+    calibrate.add_argument(
+        "--backbones",
+        nargs="+",
+        required=True,
+        help="CLIP repo ids or folders, or one set from `clip-ensemble configs`",
+    )
     _add_data_arguments(calibrate, default_split="train")
     calibrate.add_argument("--shots", type=int, default=4, help="labelled images per class (default: 4)")
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the k-shot draw and the gate (default: 0)")
@@ -142,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(run=_predict)
+
+    configs = commands.add_parser("configs", help="list the curated backbone sets, or show one")
+    configs.add_argument("name", nargs="?", help="a set name or a .json file")
+    configs.set_defaults(run=_configs)
 
     demo = commands.add_parser("demo", help="offline demo on toy backbones trained in seconds")
     demo.add_argument("--shots", type=int, default=4)

@@ -53,3 +53,11 @@ def test_help_shows_examples(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0 and "clip-ensemble calibrate --backbones" in capsys.readouterr().out
+
+
+def test_configs_lists_the_curated_sets(capsys):
+    assert main(["configs"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in ("openai-vit", "paper-openai-9", "laion-vit", "siglip", "small-cpu"))
+    assert main(["configs", "nope"]) == 2
+    assert "Unknown backbone set 'nope'" in capsys.readouterr().err
