@@ -23,11 +23,14 @@ import gradio as gr
 import pandas as pd
 
 from clip_ensemble.app_logic import (
+    MAX_HUB_IMAGES,
     MAX_IMAGES_PER_LABEL,
     MAX_SHOTS,
     MAX_UPLOAD_LABELS,
     SessionGate,
     SharedEnsemble,
+    parse_labels,
+    split_labels,
 )
 
 DEFAULT_BACKBONES = ["small-cpu"]
@@ -68,7 +71,7 @@ def _download_dir(root: Path, max_age_s: float = 600) -> Path:
 
 def _upload_boxes(labels_text: str) -> list[dict]:
     """Settings of the upload boxes: one per typed label, titled with it; the spare boxes hidden."""
-    labels = [label.strip() for label in labels_text.replace("\n", ",").split(",") if label.strip()]
+    labels = split_labels(labels_text)
     return [
         {"label": f"Images of '{labels[i]}'", "visible": True} if i < len(labels) else {"visible": False}
         for i in range(MAX_UPLOAD_LABELS)
@@ -76,7 +79,8 @@ def _upload_boxes(labels_text: str) -> list[dict]:
 
 
 def build_demo(ensemble: SharedEnsemble, downloads: Path) -> gr.Blocks:
-    with gr.Blocks(title="CLIP ensemble", delete_cache=(3600, 7200)) as demo:
+    # Uploads and downloads leave Gradio's cache after two hours; no usage statistics are sent.
+    with gr.Blocks(title="CLIP ensemble", delete_cache=(3600, 7200), analytics_enabled=False) as demo:
         session = gr.State(SessionGate())
         gr.Markdown(INTRO)
         with gr.Accordion("Backbones", open=True):
@@ -126,13 +130,21 @@ def build_demo(ensemble: SharedEnsemble, downloads: Path) -> gr.Blocks:
                     note = gr.Markdown()
             with gr.Row():
                 per_backbone = gr.Dataframe(label="Each backbone", interactive=False, elem_id="per-backbone")
-                weights = gr.BarPlot(x="backbone", y="weight", label="Gate weights for this image", y_lim=[0, None])
+                weights = gr.BarPlot(
+                    x="backbone",
+                    y="weight",
+                    label="Gate weights for this image",
+                    y_lim=[0, None],
+                    elem_id="gate-weights",
+                )
 
         with gr.Tab("Evaluate"):
             with gr.Row():
                 eval_dataset = gr.Textbox(label="Dataset id", placeholder="tanganke/eurosat")
                 eval_split = gr.Textbox("test", label="Split")
-                max_images = gr.Number(500, label="At most this many images", precision=0, minimum=1)
+                max_images = gr.Number(
+                    500, label="At most this many images", precision=0, minimum=1, maximum=MAX_HUB_IMAGES
+                )
             evaluate = gr.Button("Evaluate", variant="primary")
             table = gr.Markdown()
 
@@ -230,7 +242,7 @@ python app.py --backbones DIR1 DIR2
 
 Otherwise check the repo ids (`clip-ensemble configs` lists the curated sets), log in with `hf auth login` for gated
 repos, or install the `[open-clip]` extra for `hf-hub:` backbones."""
-    with gr.Blocks(title="CLIP ensemble: no backbones") as page:
+    with gr.Blocks(title="CLIP ensemble: no backbones", analytics_enabled=False) as page:
         gr.Markdown(INTRO)
         gr.Markdown(fix, elem_id="problem")
     return page
@@ -251,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    print(f"Loading the backbones {args.backbones}; without the Hub, give local folders: --backbones DIR1 DIR2")
     try:
-        ensemble = SharedEnsemble.load(args.backbones, labels=[s.strip() for s in DEFAULT_LABELS.split(",")])
+        ensemble = SharedEnsemble.load(args.backbones, labels=parse_labels(DEFAULT_LABELS))
     except (ValueError, TypeError, OSError, ImportError) as error:
         print(f"Could not load the backbones: {error}")
         demo = build_problem_page(str(error), args.backbones)

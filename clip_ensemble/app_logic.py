@@ -47,9 +47,14 @@ def _no_progress(fraction: float, description: str) -> None:
     pass
 
 
+def split_labels(text: str | None) -> list[str]:
+    """Labels typed comma-separated or one per line, stripped, empty entries dropped; not checked."""
+    return [label.strip() for label in re.split(r"[,\n]", text or "") if label.strip()]
+
+
 def parse_labels(text: str | None, max_labels: int = MAX_LABELS) -> list[str]:
-    """Labels typed comma-separated or one per line: stripped, empty entries dropped; at least two, unique."""
-    labels = [label.strip() for label in re.split(r"[,\n]", text or "") if label.strip()]
+    """`split_labels`, checked: at least two labels, at most `max_labels`, each once."""
+    labels = split_labels(text)
     if len(labels) < 2:
         raise ValueError(f"Type at least two labels, comma-separated or one per line (got {labels}), e.g. 'cat, dog'.")
     if len(labels) > max_labels:
@@ -112,7 +117,7 @@ class Prediction:
     """One image's classification by a session's gate."""
 
     top: dict[str, float]  # the top-k labels -> probability
-    backbones: list[dict]  # per backbone: name, its own top label and probability, its gate weight
+    backbones: list[dict]  # per backbone: short name, its own top label and probability, its gate weight
     gate_weights: dict[str, float]  # short backbone name -> gate weight
     note: str  # which gate classified, in words
 
@@ -181,6 +186,7 @@ class SharedEnsemble:
         for start in range(0, len(images), EMBED_CHUNK):
             progress(start / len(images), f"Embedding images: {start} of {len(images)}")
             cache.embed(self.model.backbones, images[start : start + EMBED_CHUNK], progress=False)
+            # Informational: with the shared Hub cache, a concurrent request can overwrite `last_computed`.
             computed += max(cache.last_computed, default=0)
         return time.perf_counter() - started, computed
 
@@ -294,7 +300,7 @@ class SharedEnsemble:
         top = probs.topk(min(top_k, len(labels)))
         rows = [
             {"backbone": name, "top label": labels[int(p.argmax())], "probability": float(p.max()), "gate weight": w}
-            for name, p, w in zip(self.names, per_backbone, weights)
+            for name, p, w in zip(self.short_names, per_backbone, weights)
         ]
         note = session.describe()
         if not session.calibrated:
@@ -363,4 +369,5 @@ __all__ = [
     "check_upload",
     "parse_labels",
     "short_names",
+    "split_labels",
 ]

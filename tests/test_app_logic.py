@@ -24,26 +24,13 @@ def ensemble(toy_backbone_dirs) -> SharedEnsemble:
 
 
 @pytest.fixture(scope="module")
-def uploads(tmp_path_factory) -> dict[str, list[str]]:
-    """Three toy images per class saved as PNG files, as a browser would upload them."""
-    root = tmp_path_factory.mktemp("uploads")
-    data = toy_dataset(per_class=3, seed=11)
-    files = {name: [] for name in TOY_CLASSES}
-    for i, (image, label) in enumerate(zip(data.images, data.labels)):
-        path = root / f"{TOY_CLASSES[label]}-{i}.png"
-        image.save(path)
-        files[TOY_CLASSES[label]].append(str(path))
-    return files
+def calibrated(ensemble, toy_uploads) -> SessionGate:
+    return ensemble.calibrate_uploads(SessionGate(), LABELS, [toy_uploads[name] for name in TOY_CLASSES])
 
 
 @pytest.fixture(scope="module")
-def calibrated(ensemble, uploads) -> SessionGate:
-    return ensemble.calibrate_uploads(SessionGate(), LABELS, [uploads[name] for name in TOY_CLASSES])
-
-
-@pytest.fixture(scope="module")
-def probe(uploads) -> str:
-    return uploads["teal"][0]
+def probe(toy_uploads) -> str:
+    return toy_uploads["teal"][0]
 
 
 def test_labels_are_parsed_and_checked():
@@ -111,11 +98,11 @@ def test_a_new_label_set_reuses_the_calibrated_gate(ensemble, calibrated, probe)
     assert set(prediction.top) == {"teal", "green", "a dog"} and "calibrated" in prediction.note
 
 
-def test_a_corrupt_upload_is_refused_by_name_and_the_gate_kept(ensemble, calibrated, uploads, probe, tmp_path):
+def test_a_corrupt_upload_is_refused_by_name_and_the_gate_kept(ensemble, calibrated, toy_uploads, probe, tmp_path):
     broken = tmp_path / "holiday.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     before = ensemble.classify(calibrated, LABELS, probe)
-    files = [uploads[name] for name in TOY_CLASSES]
+    files = [toy_uploads[name] for name in TOY_CLASSES]
     with pytest.raises(ValueError, match=r"'holiday.png' \(uploaded for 'green'\) is not an image .* keeps its gate"):
         ensemble.calibrate_uploads(calibrated, LABELS, [*files[:2], [*files[2], str(broken)], *files[3:]])
     with pytest.raises(ValueError, match="No images uploaded for 'blue'"):
