@@ -41,23 +41,18 @@ def _cache(args):
     return FeatureCache(args.cache_dir) if args.cache_dir else FeatureCache()
 
 
-def _backbones(values: list[str]) -> list:
-    """One curated set name or .json file (see `clip-ensemble configs`), or repo ids and folders."""
-    from .hub_configs import backbone_entries, list_configs
-
-    if len(values) == 1 and (values[0] in list_configs() or values[0].endswith(".json")):
-        return backbone_entries(values[0])
-    return values
-
-
 def _calibrate(args) -> None:
     from .calibration import calibrate
     from .evaluation import evaluate
+    from .hub_configs import resolve_backbones
     from .modeling_clip_ensemble import CLIPEnsembleModel
 
     data = _load_data(args)
     model = CLIPEnsembleModel.from_backbones(
-        _backbones(args.backbones), labels=data.label_names, templates=args.templates, combination=args.combination
+        resolve_backbones(args.backbones),
+        labels=data.label_names,
+        templates=args.templates,
+        combination=args.combination,
     )
     report = calibrate(model, data, shots=args.shots, seed=args.seed, cache=_cache(args), batch_size=args.batch_size)
     print(report)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,14 @@ def backbone_entries(name_or_file: str | os.PathLike) -> list[dict[str, str | No
     ]
 
 
+def resolve_backbones(values: Sequence[str]) -> list[str | dict[str, str | None]]:
+    """What `--backbones` takes, for `from_backbones`: one curated set name or .json file, or repo ids and folders."""
+    values = list(values)
+    if len(values) == 1 and (values[0] in list_configs() or values[0].endswith(".json")):
+        return backbone_entries(values[0])
+    return values
+
+
 def _total(backbones: list[dict], field: str) -> str:
     values = [entry[field] for entry in backbones]
     return "n/a" if None in values else f"{sum(values):.1f}"
@@ -168,4 +177,11 @@ def format_config_table(name_or_file: str | os.PathLike | None = None) -> str:
     return f"{config['name']}: {config['description']}\n\n{table}\n\nSources: {config['sources']}"
 
 
-__all__ = ["CONFIG_DIR", "backbone_entries", "format_config_table", "list_configs", "load_hub_config"]
+__all__ = [
+    "CONFIG_DIR",
+    "backbone_entries",
+    "format_config_table",
+    "list_configs",
+    "load_hub_config",
+    "resolve_backbones",
+]

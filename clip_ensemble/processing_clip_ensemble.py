@@ -29,7 +29,7 @@ def load_image(image: ImageInput, name: str = "image") -> Image.Image:
                 return opened.convert("RGB")
         except FileNotFoundError as error:
             raise ValueError(f"{name}: no file at '{image}'; check the path.") from error
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as error:
             where = f"'{image}'" if not isinstance(image, bytes) else f"{len(image)} bytes"
             raise ValueError(
                 f"{name} ({where}) could not be decoded as an image: {error}. Pass a JPEG, PNG, WebP or "

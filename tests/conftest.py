@@ -55,3 +55,18 @@ def toy_backbone_dirs(tmp_path_factory) -> list[str]:
     from clip_ensemble.toy import toy_backbones
 
     return toy_backbones(tmp_path_factory.mktemp("toy-backbones"))
+
+
+@pytest.fixture(scope="session")
+def toy_uploads(tmp_path_factory) -> dict[str, list[str]]:
+    """Three toy images per class saved as PNG files, as a browser uploads them: class name -> file paths."""
+    from clip_ensemble.toy import TOY_CLASSES, toy_dataset
+
+    root = tmp_path_factory.mktemp("uploads")
+    data = toy_dataset(per_class=3, seed=11)
+    files = {name: [] for name in TOY_CLASSES}
+    for i, (image, label) in enumerate(zip(data.images, data.labels)):
+        path = root / f"{TOY_CLASSES[label]}-{i}.png"
+        image.save(path)
+        files[TOY_CLASSES[label]].append(str(path))
+    return files

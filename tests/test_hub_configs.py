@@ -12,6 +12,7 @@ from clip_ensemble.hub_configs import (
     format_config_table,
     list_configs,
     load_hub_config,
+    resolve_backbones,
 )
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "hub_configs"
@@ -121,3 +122,11 @@ def test_bad_set_files_name_the_problem(tmp_path):
     no_sources.write_text(json.dumps({"description": "d", "backbones": [GOOD]}))
     with pytest.raises(ValueError, match="no_sources.json' has no field 'sources'"):
         load_hub_config(no_sources)
+
+
+def test_resolve_backbones_takes_a_set_name_a_set_file_or_repo_ids(tmp_path):
+    assert resolve_backbones(["small-cpu"]) == backbone_entries("small-cpu")
+    set_file = tmp_path / "mine.json"
+    set_file.write_text((REPO_CONFIGS / "small-cpu.json").read_text())
+    assert resolve_backbones([str(set_file)]) == backbone_entries("small-cpu")
+    assert resolve_backbones(["org/clip", "./folder"]) == ["org/clip", "./folder"]

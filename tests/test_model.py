@@ -123,3 +123,15 @@ def test_missing_backbone_names_it_and_the_fix(tmp_path):
         CLIPEnsembleModel.from_backbones(["org/does-not-exist"], labels=LABELS)
     with pytest.raises(ValueError, match="could not be loaded"):
         CLIPEnsembleModel.from_backbones([str(tmp_path / "empty")], labels=LABELS)
+
+
+def test_an_image_over_pillows_pixel_limit_is_a_value_error(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from clip_ensemble import load_image
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (20, 20)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 400 pixels is over twice the limit: a "bomb"
+    with pytest.raises(ValueError, match="big.png.*could not be decoded.*exceeds limit"):
+        load_image(str(big))

@@ -1,0 +1,210 @@
+"""The app's logic without a server: per-session gates over shared backbones, checked input, save and push."""
+
+import threading
+import zipfile
+from unittest import mock
+
+import datasets
+import httpx
+import pytest
+from huggingface_hub import CommitInfo, HfApi, RepoUrl
+from huggingface_hub.errors import HfHubHTTPError
+
+from clip_ensemble import CLIPEnsembleModel, FeatureCache, app_logic
+from clip_ensemble.app_logic import GATE_FOLDER, SessionGate, SharedEnsemble, check_dataset_id, parse_labels
+from clip_ensemble.toy import TOY_CLASSES, toy_dataset
+
+LABELS = ", ".join(TOY_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def ensemble(toy_backbone_dirs) -> SharedEnsemble:
+    model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=["cat", "dog"])
+    return SharedEnsemble(model, hub_cache=FeatureCache(None))
+
+
+@pytest.fixture(scope="module")
+def calibrated(ensemble, toy_uploads) -> SessionGate:
+    return ensemble.calibrate_uploads(SessionGate(), LABELS, [toy_uploads[name] for name in TOY_CLASSES])
+
+
+@pytest.fixture(scope="module")
+def probe(toy_uploads) -> str:
+    return toy_uploads["teal"][0]
+
+
+def test_labels_are_parsed_and_checked():
+    assert parse_labels(" cat, dog \n\nbig bird,") == ["cat", "dog", "big bird"]
+    with pytest.raises(ValueError, match=r"at least two labels.*\['cat'\]"):
+        parse_labels("cat")
+    with pytest.raises(ValueError, match=r"\['dog'\] are typed more than once"):
+        parse_labels("dog, cat, dog")
+    with pytest.raises(ValueError, match="3 labels typed; this takes at most 2"):
+        parse_labels("a, b, c", max_labels=2)
+
+
+def test_dataset_ids_never_name_server_paths(tmp_path, monkeypatch):
+    assert check_dataset_id(" tanganke/eurosat ") == "tanganke/eurosat"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    for path in ["photos", "/etc", "../secrets", "org/../x", "./photos", ""]:
+        with pytest.raises(ValueError, match="Hub dataset id"):
+            check_dataset_id(path)
+
+
+def test_before_calibration_the_gate_is_plain_averaging_and_says_so(ensemble, probe):
+    prediction = ensemble.classify(SessionGate(), LABELS, probe, top_k=3)
+    assert len(prediction.top) == 3 and set(prediction.top) <= set(TOY_CLASSES)
+    assert list(prediction.gate_weights.values()) == pytest.approx([1 / 3] * 3)
+    assert list(prediction.gate_weights) == ["toy-clip-0", "toy-clip-1", "toy-clip-2"]
+    assert "not calibrated" in prediction.note and "plain logit averaging" in prediction.note
+    assert [row["top label"] in TOY_CLASSES for row in prediction.backbones] == [True] * 3
+
+
+def test_calibration_on_uploads_reports_and_records_it(calibrated):
+    assert calibrated.calibrated and calibrated.calibration["dataset"] == "uploaded images"
+    assert calibrated.calibration["shots"] == 3 and calibrated.calibration["images"] == 18
+    assert "Calibrated on uploaded images: 3 shots per class" in calibrated.report
+    assert "(18 images embedded)" in calibrated.report  # the backbone work done before the lock is counted
+
+
+def test_sessions_keep_their_own_gates_on_shared_backbones(ensemble, calibrated, probe):
+    """Interleaved and concurrent requests of two sessions each get their own gate's answer."""
+    plain = SessionGate()
+    expected = {id(s): ensemble.classify(s, LABELS, probe) for s in (plain, calibrated)}
+    assert expected[id(plain)].gate_weights != expected[id(calibrated)].gate_weights
+    results, errors = [], []
+
+    def classify(session):
+        try:
+            for _ in range(5):
+                results.append((session, ensemble.classify(session, LABELS, probe)))
+        except Exception as error:  # reported below: a thread's exception would otherwise vanish
+            errors.append(error)
+
+    threads = [threading.Thread(target=classify, args=(s,)) for s in (plain, calibrated, plain, calibrated)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(results) == 20
+    for session, prediction in results:
+        assert prediction.gate_weights == pytest.approx(expected[id(session)].gate_weights)
+        assert prediction.top == pytest.approx(expected[id(session)].top)
+
+
+def test_a_new_label_set_reuses_the_calibrated_gate(ensemble, calibrated, probe):
+    prediction = ensemble.classify(calibrated, "teal, green, a dog", probe, top_k=5)
+    assert set(prediction.top) == {"teal", "green", "a dog"} and "calibrated" in prediction.note
+
+
+def test_a_corrupt_upload_is_refused_by_name_and_the_gate_kept(ensemble, calibrated, toy_uploads, probe, tmp_path):
+    broken = tmp_path / "holiday.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    before = ensemble.classify(calibrated, LABELS, probe)
+    files = [toy_uploads[name] for name in TOY_CLASSES]
+    with pytest.raises(ValueError, match=r"'holiday.png' \(uploaded for 'green'\) is not an image .* keeps its gate"):
+        ensemble.calibrate_uploads(calibrated, LABELS, [*files[:2], [*files[2], str(broken)], *files[3:]])
+    with pytest.raises(ValueError, match="No images uploaded for 'blue'"):
+        ensemble.calibrate_uploads(calibrated, LABELS, files[:4])
+    with pytest.raises(ValueError, match=r"'holiday.png' \(the image to classify\)"):
+        ensemble.classify(calibrated, LABELS, str(broken))
+    after = ensemble.classify(calibrated, LABELS, probe)
+    assert after.gate_weights == pytest.approx(before.gate_weights) and after.top == pytest.approx(before.top)
+
+
+def _toy_hub_dataset(*_, **__) -> datasets.Dataset:
+    """What `datasets.load_dataset` returns for a Hub image dataset: an Image column and a ClassLabel column."""
+    data = toy_dataset(per_class=6, seed=5)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(TOY_CLASSES))})
+    return datasets.Dataset.from_dict({"image": data.images, "label": data.labels}, features=features)
+
+
+def test_calibrate_and_evaluate_on_a_hub_dataset(ensemble, monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", _toy_hub_dataset)
+    steps = []
+    session, labels = ensemble.calibrate_hub(SessionGate(), "someone/colours", "train", 2, lambda *a: steps.append(a))
+    assert labels == list(TOY_CLASSES)
+    assert session.calibration["dataset"] == "someone/colours" and session.calibration["images"] == 12
+    assert steps[0] == (0.0, "Loading someone/colours (train)") and steps[-1] == (1.0, "Training the gate")
+    report = ensemble.evaluate_hub(session, "someone/colours", "test", max_images=20)
+    assert report.dataset == "someone/colours (20 of its 36 images)" and len(report.labels) == 20
+    table = report.table()
+    assert "| gate |" in table and "| mean of logits |" in table and "oracle" in table
+
+
+def test_hub_dataset_problems_name_the_fix(ensemble, monkeypatch):
+    def unreachable(*_, **__):
+        raise ConnectionError("Couldn't reach 'someone/colours' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(ValueError, match=r"Could not load split 'train' of the Hub dataset 'someone/colours'.*id"):
+        ensemble.calibrate_hub(SessionGate(), "someone/colours", "train", 2)
+    monkeypatch.setattr(datasets, "load_dataset", _toy_hub_dataset)
+    with pytest.raises(ValueError, match="shots=9 but class 'red' has only 6 images"):
+        ensemble.calibrate_hub(SessionGate(), "someone/colours", "train", 9)
+    with pytest.raises(ValueError, match="from 1 to 16"):
+        ensemble.calibrate_hub(SessionGate(), "someone/colours", "train", 0)
+
+
+def test_the_downloaded_zip_loads_with_from_pretrained(ensemble, calibrated, probe, tmp_path):
+    archive = ensemble.save_zip(calibrated, LABELS, tmp_path / "out")
+    assert archive == tmp_path / "out" / f"{GATE_FOLDER}.zip"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [archive.name]  # the unzipped folder is not left behind
+    with zipfile.ZipFile(archive) as zipped:
+        assert sorted(name for name in zipped.namelist() if not name.endswith("/")) == [
+            f"{GATE_FOLDER}/{name}" for name in ("README.md", "config.json", "gate.safetensors")
+        ]
+        zipped.extractall(tmp_path)
+    loaded = CLIPEnsembleModel.from_pretrained(tmp_path / GATE_FOLDER)
+    assert loaded.labels == list(TOY_CLASSES) and loaded.config.calibration == calibrated.calibration
+    in_app = ensemble.classify(calibrated, LABELS, probe, top_k=6)
+    [top] = loaded.classify([probe], top_k=6)
+    assert {p["label"]: p["score"] for p in top} == pytest.approx(in_app.top)
+
+
+def test_save_and_push_need_a_calibrated_gate(ensemble, tmp_path):
+    with pytest.raises(ValueError, match="not calibrated yet"):
+        ensemble.save_zip(SessionGate(), LABELS, tmp_path)
+    with pytest.raises(ValueError, match="not calibrated yet"):
+        ensemble.push(SessionGate(), LABELS, "me/gate", "hf_secret")
+
+
+def test_push_uses_the_users_token_only_and_never_shows_it(ensemble, calibrated, monkeypatch):
+    token = "hf_SeCrEt123"
+    monkeypatch.setenv("HF_TOKEN", "hf_server_token")
+    uploaded = {}
+
+    def fake_create_commit(self, repo_id, operations, **kwargs):
+        uploaded.update(token=self.token, files={op.path_in_repo for op in operations})
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/abc",
+            commit_message="",
+            commit_description="",
+            oid="abc",
+        )
+
+    with (
+        mock.patch.object(HfApi, "create_repo", return_value=RepoUrl("https://huggingface.co/me/gate")),
+        mock.patch.object(HfApi, "create_commit", fake_create_commit),
+    ):
+        assert ensemble.push(calibrated, LABELS, "me/gate", token) == "https://huggingface.co/me/gate/commit/abc"
+        with pytest.raises(ValueError, match="Paste a Hugging Face access token"):
+            ensemble.push(calibrated, LABELS, "me/gate", "  ")  # never the server's HF_TOKEN
+    assert uploaded == {"token": token, "files": {"config.json", "gate.safetensors", "README.md"}}
+
+    response = httpx.Response(403, request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
+    refused = HfHubHTTPError(f"403 Forbidden: token {token} cannot write to me/gate", response=response)
+    with mock.patch.object(HfApi, "create_repo", side_effect=refused), pytest.raises(ValueError) as error:
+        ensemble.push(calibrated, LABELS, "me/gate", token)
+    assert "Pushing to 'me/gate' failed: 403 Forbidden: token *** cannot write" in str(error.value)
+    assert token not in str(error.value) and error.value.__suppress_context__  # no chained traceback shows it
+    with pytest.raises(ValueError, match="not a repo id"):
+        ensemble.push(calibrated, LABELS, "../etc", token)
+
+
+def test_the_shared_head_cache_stays_bounded(ensemble, probe, monkeypatch):
+    monkeypatch.setattr(app_logic, "_HEAD_CACHE_SIZE", 2)
+    for i in range(3):
+        ensemble.classify(SessionGate(), f"red, label{i}", probe)
+    assert [labels for labels, _ in ensemble.model._head_cache] == [("red", "label1"), ("red", "label2")]
