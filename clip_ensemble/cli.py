@@ -61,14 +61,15 @@ def _calibrate(args) -> None:
     )
     report = calibrate(model, data, shots=args.shots, seed=args.seed, cache=_cache(args), batch_size=args.batch_size)
     print(report)
+    model.save_pretrained(args.output)
+    print(f"Saved the gate and config to {args.output}")
     evaluations = []
     if args.eval_split:
         args.split = args.eval_split
         evaluations.append(evaluate(model, _load_data(args), cache=_cache(args), batch_size=args.batch_size))
         print(evaluations[0].table())
-    # The model card carries the evaluation (as model-index metadata on the Hub).
-    model.save_pretrained(args.output, evaluations=evaluations)
-    print(f"Saved the gate and config to {args.output}")
+        # Saved again (the gate is small), now with the evaluation in the card as model-index metadata.
+        model.save_pretrained(args.output, evaluations=evaluations)
     if args.push_to_hub:
         commit = model.push_to_hub(args.push_to_hub, evaluations=evaluations)
         print(f"Pushed to {commit.commit_url}")

@@ -42,6 +42,17 @@ _CITATION = (
 )
 
 
+def _metric_info(description: str) -> evaluate.MetricInfo:
+    # Either input format; evaluate picks the first that encodes the first example.
+    return evaluate.MetricInfo(
+        description=description,
+        citation=_CITATION,
+        inputs_description=_INPUTS,
+        features=[_RANKED, _SINGLE],
+        reference_urls=["https://arxiv.org/abs/2405.17139"],
+    )
+
+
 def _as_tensors(predictions: list, references: list) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ranked (n, depth) and labels (n,) tensors; a single prediction per example is a ranking of depth 1."""
     if len(predictions) == 0:
@@ -71,13 +82,7 @@ class TopKAccuracy(evaluate.Metric):
         return "accuracy" if self.k == 1 else f"top_{self.k}_accuracy"
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description="Top-k accuracy: the share of examples whose true label is among the k best predictions.",
-            citation=_CITATION,
-            inputs_description=_INPUTS,
-            features=[_RANKED, _SINGLE],
-            reference_urls=["https://arxiv.org/abs/2405.17139"],
-        )
+        return _metric_info("Top-k accuracy: the share of examples whose true label is among the k best predictions.")
 
     def _compute(self, predictions, references) -> dict[str, float]:
         ranked, labels = _as_tensors(predictions, references)
@@ -93,13 +98,7 @@ class MeanPerClassRecall(evaluate.Metric):
     """Balanced accuracy: the mean over the classes present in `references` of their recall (top-1)."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description="Mean per-class recall (balanced accuracy) of the top-1 prediction.",
-            citation=_CITATION,
-            inputs_description=_INPUTS,
-            features=[_RANKED, _SINGLE],
-            reference_urls=["https://arxiv.org/abs/2405.17139"],
-        )
+        return _metric_info("Mean per-class recall (balanced accuracy) of the top-1 prediction.")
 
     def _compute(self, predictions, references) -> dict[str, float]:
         ranked, labels = _as_tensors(predictions, references)

@@ -56,7 +56,15 @@ def build_model_card(
     Each of `evaluations` adds the gate's results to the card's metadata (the Hub's model-index) and its table of
     every method to the card's text.
     """
-    hub_backbones = [b["name_or_path"] for b in config.backbones if _is_repo_id(b["name_or_path"])]
+    names = [b["name_or_path"] for b in config.backbones]
+    for index, report in enumerate(evaluations):
+        if report.backbones != names or report.label_names != config.labels:
+            raise ValueError(
+                f"evaluations[{index}] ({report.dataset}) scored backbones {report.backbones} on "
+                f"{len(report.label_names)} labels, but this model has backbones {names} and {len(config.labels)} "
+                "labels; pass evaluations of this model with its current labels."
+            )
+    hub_backbones = [name for name in names if _is_repo_id(name)]
     data = ModelCardData(
         library_name="clip-ensemble",
         pipeline_tag="image-classification",

@@ -253,6 +253,9 @@ class CLIPEnsembleModel(PreTrainedModel):
         save_directory = Path(save_directory)
         if save_directory.is_file():
             raise ValueError(f"save_directory '{save_directory}' is a file; give a folder.")
+        if not isinstance(evaluations, Sequence):
+            evaluations = [evaluations]
+        card = build_model_card(self.config, repo_id=repo_id, evaluations=evaluations)  # checks them before writing
         save_directory.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
         self.config.save_pretrained(save_directory)
@@ -261,9 +264,7 @@ class CLIPEnsembleModel(PreTrainedModel):
         partial = save_directory / f".{GATE_WEIGHTS_NAME}.partial"
         save_file(gate_state, partial, metadata={"format": "pt"})
         os.replace(partial, save_directory / GATE_WEIGHTS_NAME)
-        if not isinstance(evaluations, Sequence):
-            evaluations = [evaluations]
-        build_model_card(self.config, repo_id=repo_id, evaluations=evaluations).save(save_directory / "README.md")
+        card.save(save_directory / "README.md")
 
     def push_to_hub(
         self,

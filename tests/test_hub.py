@@ -123,6 +123,14 @@ def test_push_with_evaluations_writes_the_model_index(calibrated, images, tmp_pa
     assert "model-index" not in (tmp_path / "README.md").read_text()
 
 
+def test_evaluations_of_another_label_set_are_refused(calibrated, images, tmp_path):
+    report = evaluate(calibrated, from_lists(images[:2], ["cat", "dog"]), cache=FeatureCache(None))
+    calibrated.set_labels(["cat", "dog"])
+    with pytest.raises(ValueError, match=r"evaluations\[0\] \(lists\) scored backbones .* on 3 labels"):
+        calibrated.save_pretrained(tmp_path / "gate", evaluations=[report])
+    assert not (tmp_path / "gate").exists()
+
+
 def test_gate_with_wrong_shapes_is_rejected(calibrated, tmp_path):
     calibrated.save_pretrained(tmp_path)
     gate = load_file(tmp_path / "gate.safetensors")

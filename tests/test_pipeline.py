@@ -51,7 +51,8 @@ def test_pipeline_returns_labels_and_scores_like_transformers(calibrated, test_d
 
 
 def test_transformers_pipeline_loads_a_saved_ensemble(calibrated, test_dataset, tmp_path):
-    calibrated.save_pretrained(tmp_path)
+    CLIPEnsemblePipeline(calibrated).save_pretrained(tmp_path)  # the ensemble's small files, no processor
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "gate.safetensors", "README.md"}
     classifier = pipeline("image-classification", model=str(tmp_path), pipeline_class=CLIPEnsemblePipeline)
     image = test_dataset[0]["image"]
     assert isinstance(classifier.model, CLIPEnsembleModel)
