@@ -168,11 +168,12 @@ class CLIPEnsembleEvaluator(ImageClassificationEvaluator):
         ranked = []
         for prediction in predictions:
             names = [p["label"] for p in sorted(prediction, key=lambda p: p["score"], reverse=True)]
+            names = names if self.ranked else names[:1]
             unknown = [name for name in names if name not in label_mapping]
             if unknown:
                 raise ValueError(
                     f"The pipeline predicted label '{unknown[0]}', which the label mapping does not map; map every "
-                    f"label of the model (the mapping has {sorted(label_mapping)[:10]})."
+                    f"label of the model, those the dataset lacks to -1 (the mapping has {sorted(label_mapping)[:10]})."
                 )
             ranked.append([label_mapping[name] for name in names])
         return {"predictions": ranked if self.ranked else [ids[0] for ids in ranked]}

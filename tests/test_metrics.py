@@ -62,3 +62,9 @@ def test_evaluate_modules_reject_bad_input():
         TopKAccuracy(5).compute(predictions=[[0, 1], [1, 0]], references=[0, 1])
     with pytest.raises(ValueError, match="different lengths"):
         TopKAccuracy(1).compute(predictions=[[0, 1], [1]], references=[0, 1])
+
+
+def test_labels_outside_the_dataset_count_as_wrong():
+    """An evaluator's label mapping sends model labels the dataset lacks to -1: wrong, never an error."""
+    assert TopKAccuracy(1).compute(predictions=[-1, 1], references=[0, 1]) == {"accuracy": 0.5}
+    assert MeanPerClassRecall().compute(predictions=[-1, 1], references=[0, 1]) == {"mean_per_class_recall": 0.5}
