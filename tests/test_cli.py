@@ -22,9 +22,11 @@ def image_folder(tmp_path_factory):
 def test_calibrate_evaluate_predict(toy_backbone_dirs, image_folder, tmp_path, capsys):
     output, cache = tmp_path / "gate", tmp_path / "cache"
     args = ["--dataset", str(image_folder), "--cache-dir", str(cache)]
-    assert main(["calibrate", "--backbones", *toy_backbone_dirs, *args, "--shots", "2", "--output", str(output)]) == 0
+    calibrate = ["calibrate", "--backbones", *toy_backbone_dirs, *args, "--shots", "2", "--eval-split", "test"]
+    assert main([*calibrate, "--output", str(output)]) == 0
     assert "2 shots per class" in capsys.readouterr().out
     assert {p.name for p in output.iterdir()} == {"config.json", "gate.safetensors", "README.md"}
+    assert "model-index:" in (output / "README.md").read_text()  # the evaluation, in the card
     assert CLIPEnsembleModel.from_pretrained(output).labels == sorted(TOY_CLASSES)
 
     assert main(["evaluate", str(output), *args, "--json", str(tmp_path / "r.json")]) == 0
