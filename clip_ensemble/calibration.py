@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .backbones import LOCAL_DIR_PREFIX
 from .data import LabelledImages, load_labelled_data, sample_few_shot
 from .features import FeatureCache
 from .gate import combine_logits
@@ -56,17 +53,6 @@ class CalibrationReport:
             f"{self.gate_seconds:.1f} s gate training",
         ]
         return "\n".join(lines)
-
-
-def backbone_names(model: CLIPEnsembleModel) -> list[str]:
-    """Names for tables: repo ids as they are, local folders by their last component when that stays unique."""
-    names = [entry["name_or_path"] for entry in model.config.backbones]
-    short = [Path(name.removeprefix(LOCAL_DIR_PREFIX)).name if _is_local(name) else name for name in names]
-    return short if len(set(short)) == len(short) else names
-
-
-def _is_local(name: str) -> bool:
-    return name.startswith(LOCAL_DIR_PREFIX) or os.path.isdir(name)
 
 
 def _split_validation(labels: list[int], shots: int, seed: int) -> tuple[list[int], list[int]]:
@@ -192,7 +178,7 @@ def calibrate(
         correct = combine_logits(per_backbone_logits, model.gate(gate_inputs)).argmax(-1) == labels
         backbone_correct = per_backbone_logits.argmax(-1) == labels[:, None]  # (n, B)
         mean_correct = per_backbone_logits.mean(1).argmax(-1) == labels
-    names = backbone_names(model)
+    names = model.config.backbone_names
     report = CalibrationReport(
         dataset=data.name,
         shots=shots,

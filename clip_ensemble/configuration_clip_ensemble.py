@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from transformers import PretrainedConfig
 
+from .backbones import LOCAL_DIR_PREFIX
 from .templates import TEMPLATE_SETS
 
 COMBINATIONS = ("softplus", "softmax", "top1")
@@ -125,6 +128,18 @@ class CLIPEnsembleConfig(PretrainedConfig):
     @property
     def num_backbones(self) -> int:
         return len(self.backbones or [])
+
+    @property
+    def backbone_names(self) -> list[str]:
+        """Names for tables: repo ids as they are, local folders by their last component when that stays unique."""
+        names = [entry["name_or_path"] for entry in self.backbones or []]
+        short = [
+            Path(name.removeprefix(LOCAL_DIR_PREFIX)).name
+            if name.startswith(LOCAL_DIR_PREFIX) or os.path.isdir(name)
+            else name
+            for name in names
+        ]
+        return short if len(set(short)) == len(short) else names
 
     @property
     def template_list(self) -> list[str]:

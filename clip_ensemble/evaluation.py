@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from .calibration import backbone_names
 from .data import LabelledImages, load_labelled_data
 from .features import FeatureCache
 from .metrics import confusion_matrix, mean_per_class_recall, per_class_recall, top_k_accuracy
@@ -178,7 +177,7 @@ def evaluate_embeddings(
     """`evaluate` on image embeddings already computed (one (n, embed_dim_b) tensor per backbone, e.g. from a
     `FeatureCache`) with `labels` (n,) indices into `model.labels`: scoring several gates on one split embeds it once.
     """
-    names = backbone_names(model)
+    names = model.config.backbone_names
     model.eval()
     gate_name = "gate" if model.config.calibration else "gate (uncalibrated: mean of logits)"
     methods = [*names, "mean of logits", "mean of probabilities", "majority vote", gate_name]

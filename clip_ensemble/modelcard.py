@@ -56,7 +56,7 @@ def build_model_card(
     Each of `evaluations` adds the gate's results to the card's metadata (the Hub's model-index) and its table of
     every method to the card's text.
     """
-    names = [b["name_or_path"] for b in config.backbones]
+    names = config.backbone_names
     for index, report in enumerate(evaluations):
         if report.backbones != names or report.label_names != config.labels:
             raise ValueError(
