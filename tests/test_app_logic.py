@@ -98,7 +98,9 @@ def test_a_new_label_set_reuses_the_calibrated_gate(ensemble, calibrated, probe)
     assert set(prediction.top) == {"teal", "green", "a dog"} and "calibrated" in prediction.note
 
 
-def test_a_corrupt_upload_is_refused_by_name_and_the_gate_kept(ensemble, calibrated, toy_uploads, probe, tmp_path):
+def test_bad_uploads_are_refused_by_name_and_the_gate_kept(
+    ensemble, calibrated, toy_uploads, probe, tmp_path, monkeypatch
+):
     broken = tmp_path / "holiday.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     before = ensemble.classify(calibrated, LABELS, probe)
@@ -107,6 +109,9 @@ def test_a_corrupt_upload_is_refused_by_name_and_the_gate_kept(ensemble, calibra
         ensemble.calibrate_uploads(calibrated, LABELS, [*files[:2], [*files[2], str(broken)], *files[3:]])
     with pytest.raises(ValueError, match="No images uploaded for 'blue'"):
         ensemble.calibrate_uploads(calibrated, LABELS, files[:4])
+    monkeypatch.setattr(app_logic, "MAX_IMAGES_PER_LABEL", 2)
+    with pytest.raises(ValueError, match="3 images uploaded for 'red'; upload at most 2"):
+        ensemble.calibrate_uploads(calibrated, LABELS, files)
     with pytest.raises(ValueError, match=r"'holiday.png' \(the image to classify\)"):
         ensemble.classify(calibrated, LABELS, str(broken))
     after = ensemble.classify(calibrated, LABELS, probe)
