@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .backbones import LOCAL_DIR_PREFIX
 from .data import LabelledImages, load_labelled_data, sample_few_shot
 from .features import FeatureCache
 from .gate import combine_logits
@@ -56,7 +59,14 @@ class CalibrationReport:
 
 
 def backbone_names(model: CLIPEnsembleModel) -> list[str]:
-    return [entry["name_or_path"] for entry in model.config.backbones]
+    """Names for tables: repo ids as they are, local folders by their last component when that stays unique."""
+    names = [entry["name_or_path"] for entry in model.config.backbones]
+    short = [Path(name.removeprefix(LOCAL_DIR_PREFIX)).name if _is_local(name) else name for name in names]
+    return short if len(set(short)) == len(short) else names
+
+
+def _is_local(name: str) -> bool:
+    return name.startswith(LOCAL_DIR_PREFIX) or os.path.isdir(name)
 
 
 def _split_validation(labels: list[int], shots: int, seed: int) -> tuple[list[int], list[int]]:

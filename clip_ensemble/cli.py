@@ -14,7 +14,7 @@ examples:
   clip-ensemble calibrate --backbones openai-vit --dataset tanganke/eurosat --shots 4 --output eurosat-gate
   clip-ensemble calibrate --backbones ./clip-a ./clip-b --dataset ./photos --shots 2 --output my-gate \\
       --push-to-hub me/my-gate
-  clip-ensemble evaluate eurosat-gate --dataset tanganke/eurosat --split test --json results.json
+  clip-ensemble evaluate eurosat-gate --dataset tanganke/eurosat --split test --report eurosat-report
   clip-ensemble predict eurosat-gate photo1.jpg photo2.png --top-k 3
 """
 
@@ -58,11 +58,15 @@ def _calibrate(args) -> None:
     print(report)
     model.save_pretrained(args.output)
     print(f"Saved the gate and config to {args.output}")
+    evaluations = []
     if args.eval_split:
         args.split = args.eval_split
-        print(evaluate(model, _load_data(args), cache=_cache(args), batch_size=args.batch_size).table())
+        evaluations.append(evaluate(model, _load_data(args), cache=_cache(args), batch_size=args.batch_size))
+        print(evaluations[0].table())
+        # Saved again (the gate is small), now with the evaluation in the card as model-index metadata.
+        model.save_pretrained(args.output, evaluations=evaluations)
     if args.push_to_hub:
-        commit = model.push_to_hub(args.push_to_hub)
+        commit = model.push_to_hub(args.push_to_hub, evaluations=evaluations)
         print(f"Pushed to {commit.commit_url}")
 
 
@@ -70,12 +74,23 @@ def _evaluate(args) -> None:
     from .evaluation import evaluate
     from .modeling_clip_ensemble import CLIPEnsembleModel
 
+    if args.report:
+        from .report import check_report_folder, require_matplotlib
+
+        # Before the evaluation, which can take long: a missing extra or an unusable folder fails at once.
+        require_matplotlib()
+        check_report_folder(args.report)
     model = CLIPEnsembleModel.from_pretrained(args.model)
     report = evaluate(model, _load_data(args), cache=_cache(args), batch_size=args.batch_size)
     print(report.table())
     if args.json:
         report.to_json(args.json)
         print(f"Wrote {args.json}")
+    if args.report:
+        from .report import write_report
+
+        write_report(report, args.report)
+        print(f"Wrote the report to {args.report}/report.md (with charts, per-class accuracy, confusion matrix)")
 
 
 def _predict(args) -> None:
@@ -149,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", help="a saved ensemble: folder or Hub repo id")
     _add_data_arguments(evaluate, default_split="test")
     evaluate.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    evaluate.add_argument(
+        "--report",
+        metavar="DIR",
+        help="also write a report folder: Markdown, JSON, per-class accuracy, confusion matrix, charts "
+        "(needs the [report] extra)",
+    )
     evaluate.set_defaults(run=_evaluate)
 
     predict = commands.add_parser("predict", help="classify images with a saved ensemble")

@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .calibration import backbone_names
 from .data import LabelledImages, load_labelled_data
 from .features import FeatureCache
-from .metrics import mean_per_class_recall, per_class_recall, top_k_accuracy
+from .metrics import confusion_matrix, mean_per_class_recall, per_class_recall, top_k_accuracy
 from .modeling_clip_ensemble import CLIPEnsembleModel
 
 ORACLE = "oracle (any backbone right)"
+TIE = "tie (equal weights)"
 
 
 @dataclass
 class EvaluationReport:
     """Metrics per method on one split; `ranked[method]` holds each image's top-5 label indices.
 
-    The oracle has no ranking: `oracle_correct` holds its (n, 2) top-1 / top-5 hits.
+    The oracle has no ranking: `oracle_correct` holds its (n, 2) top-1 / top-5 hits. `gate_method` names the gate's
+    entry in `ranked`; `split` is the dataset split when the data was loaded from a `datasets` dataset or Hub id.
     """
 
     dataset: str
@@ -31,6 +35,8 @@ class EvaluationReport:
     gate_weights: torch.Tensor  # (n, B)
     backbones: list[str]
     best_single: str | None  # the backbone chosen on calibration data
+    gate_method: str
+    split: str | None = None
 
     def rows(self) -> list[dict]:
         """One dict per method: top-1, top-5 accuracy and mean per-class recall (fractions)."""
@@ -51,17 +57,35 @@ class EvaluationReport:
         return [*rows, {"method": ORACLE, "top1": top1, "top5": top5, "mean_per_class_recall": recall}]
 
     def per_class_accuracy(self, method: str) -> dict[str, float]:
+        """Label name -> top-1 recall of `method` on that label's images (NaN for a label with no image)."""
         recall = per_class_recall(self.ranked[method][:, 0], self.labels, len(self.label_names))
         return dict(zip(self.label_names, recall.tolist()))
+
+    def confusion_matrix(self, method: str | None = None) -> torch.Tensor:
+        """(C, C) image counts of `method` (default: the gate): row = true label, column = top-1 prediction."""
+        method = self.gate_method if method is None else method
+        return confusion_matrix(self.ranked[method][:, 0], self.labels, len(self.label_names))
+
+    def largest_gate_weight_share(self) -> dict[str, float]:
+        """Backbone -> share of images on which the gate gives it the strictly largest weight; `TIE` collects the
+        images on which two or more backbones share the largest weight (all of them for an uncalibrated gate)."""
+        is_max = self.gate_weights == self.gate_weights.max(dim=1, keepdim=True).values  # (n, B)
+        unique = is_max.sum(dim=1) == 1
+        shares = dict(zip(self.backbones, (is_max & unique[:, None]).double().mean(0).tolist()))
+        tie = float((~unique).double().mean())
+        return {**shares, TIE: tie} if tie > 0 else shares
 
     def to_dict(self) -> dict:
         return {
             "dataset": self.dataset,
+            "split": self.split,
             "num_images": len(self.labels),
             "num_labels": len(self.label_names),
             "backbones": self.backbones,
             "best_single_backbone": self.best_single,
+            "gate_method": self.gate_method,
             "results": self.rows(),
+            "largest_gate_weight_share": self.largest_gate_weight_share(),
         }
 
     def to_json(self, path=None) -> str:
@@ -74,7 +98,8 @@ class EvaluationReport:
     def table(self) -> str:
         """A Markdown table, accuracies in percent."""
         lines = [
-            f"{self.dataset}: {len(self.labels)} images, {len(self.label_names)} labels",
+            f"{self.dataset}{f' ({self.split})' if self.split else ''}: {len(self.labels)} images, "
+            f"{len(self.label_names)} labels",
             "",
             "| method | top-1 | top-5 | mean per-class recall |",
             "|---|---:|---:|---:|",
@@ -90,7 +115,7 @@ class EvaluationReport:
         return self.table()
 
 
-def _align_labels(model: CLIPEnsembleModel, data: LabelledImages) -> list[int]:
+def align_labels(model: CLIPEnsembleModel, data: LabelledImages) -> list[int]:
     """The data's labels as indices into the model's labels; every data label must be a model label."""
     index = {name: i for i, name in enumerate(model.labels)}
     unknown = sorted(set(data.label_names) - set(index))
@@ -102,6 +127,17 @@ def _align_labels(model: CLIPEnsembleModel, data: LabelledImages) -> list[int]:
             "call `model.set_labels(data.label_names)` (and calibrate again) to switch label sets."
         )
     return [index[data.label_names[label]] for label in data.labels]
+
+
+def _split_of(source, split: str) -> str | None:
+    """The split the data came from: named for a Hub id or a `DatasetDict`, read from a `Dataset`, else None."""
+    import datasets
+
+    if isinstance(source, datasets.Dataset):
+        return None if source.split is None else str(source.split)
+    if isinstance(source, datasets.DatasetDict) or (isinstance(source, str) and not Path(source).is_dir()):
+        return split
+    return None
 
 
 @torch.no_grad()
@@ -120,10 +156,28 @@ def evaluate(
 
     `data` is a `LabelledImages`, an image folder, a `datasets.Dataset` or a Hub dataset id (with `split`).
     """
-    data = load_labelled_data(data, split=split)
-    labels = torch.tensor(_align_labels(model, data))
+    source, data = data, load_labelled_data(data, split=split)
+    labels = torch.tensor(align_labels(model, data))
     cache = FeatureCache() if cache is None else cache
     embeds = cache.embed(model.backbones, data.images, batch_size=batch_size, progress=progress)
+    return evaluate_embeddings(
+        model, embeds, labels, dataset=data.name, split=_split_of(source, split), chunk_size=chunk_size
+    )
+
+
+@torch.no_grad()
+def evaluate_embeddings(
+    model: CLIPEnsembleModel,
+    image_embeds: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    dataset: str = "data",
+    split: str | None = None,
+    chunk_size: int = 1024,
+) -> EvaluationReport:
+    """`evaluate` on image embeddings already computed (one (n, embed_dim_b) tensor per backbone, e.g. from a
+    `FeatureCache`) with `labels` (n,) indices into `model.labels`: scoring several gates on one split embeds it once.
+    """
     names = backbone_names(model)
     model.eval()
     gate_name = "gate" if model.config.calibration else "gate (uncalibrated: mean of logits)"
@@ -132,7 +186,7 @@ def evaluate(
     oracle, gate_weights = [], []
     k = min(5, len(model.labels))
     for start in range(0, len(labels), chunk_size):
-        chunk_embeds = [e[start : start + chunk_size] for e in embeds]
+        chunk_embeds = [e[start : start + chunk_size] for e in image_embeds]
         out = model(image_embeds=chunk_embeds)
         logits = out.per_backbone_logits.cpu()  # (chunk, B, C)
         y = labels[start : start + chunk_size]
@@ -162,7 +216,7 @@ def evaluate(
             **{m: ranked_tensors[m] for m in methods[len(names) :]},
         }
     return EvaluationReport(
-        dataset=data.name,
+        dataset=dataset,
         label_names=model.labels,
         labels=labels,
         ranked=ranked_tensors,
@@ -170,7 +224,9 @@ def evaluate(
         gate_weights=torch.cat(gate_weights),
         backbones=names,
         best_single=best_single if best_single in names else None,
+        gate_method=gate_name,
+        split=split,
     )
 
 
-__all__ = ["ORACLE", "EvaluationReport", "evaluate"]
+__all__ = ["ORACLE", "TIE", "EvaluationReport", "align_labels", "evaluate", "evaluate_embeddings"]

@@ -22,4 +22,9 @@ def mean_per_class_recall(predictions: torch.Tensor, labels: torch.Tensor, num_c
     return float(per_class_recall(predictions, labels, num_classes).nanmean())
 
 
-__all__ = ["mean_per_class_recall", "per_class_recall", "top_k_accuracy"]
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, num_classes) counts: row = true label, column = predicted label."""
+    return torch.bincount(labels * num_classes + predictions, minlength=num_classes**2).reshape(num_classes, -1)
+
+
+__all__ = ["confusion_matrix", "mean_per_class_recall", "per_class_recall", "top_k_accuracy"]

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from huggingface_hub import ModelCard, ModelCardData
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .configuration_clip_ensemble import CLIPEnsembleConfig
+
+if TYPE_CHECKING:  # evaluation.py imports the model, which imports this module
+    from .evaluation import EvaluationReport
 
 _MAX_LABELS_SHOWN = 50
 
@@ -18,14 +24,55 @@ def _is_repo_id(name: str) -> bool:
     return "/" in name
 
 
-def build_model_card(config: CLIPEnsembleConfig, repo_id: str | None = None) -> ModelCard:
-    """A card listing the backbones, labels, gate and calibration, with the code that loads the ensemble."""
-    hub_backbones = [b["name_or_path"] for b in config.backbones if _is_repo_id(b["name_or_path"])]
+def eval_results(report: EvaluationReport) -> list[EvalResult]:
+    """The gate's top-1 and top-5 accuracy and mean per-class recall on the report's dataset (fractions), as the
+    Hub's model-index entries."""
+    row = next(row for row in report.rows() if row["method"] == report.gate_method)
+    dataset = {
+        "task_type": "image-classification",
+        "dataset_type": report.dataset,
+        "dataset_name": report.dataset,
+        "dataset_split": report.split,
+    }
+    return [
+        EvalResult(**dataset, metric_type="accuracy", metric_name="Top-1 accuracy", metric_value=round(row["top1"], 4)),
+        EvalResult(
+            **dataset, metric_type="top_5_accuracy", metric_name="Top-5 accuracy", metric_value=round(row["top5"], 4)
+        ),
+        EvalResult(
+            **dataset,
+            metric_type="mean_per_class_recall",
+            metric_name="Mean per-class recall",
+            metric_value=round(row["mean_per_class_recall"], 4),
+        ),
+    ]
+
+
+def build_model_card(
+    config: CLIPEnsembleConfig, repo_id: str | None = None, evaluations: Sequence[EvaluationReport] = ()
+) -> ModelCard:
+    """A card listing the backbones, labels, gate and calibration, with the code that loads the ensemble.
+
+    Each of `evaluations` adds the gate's results to the card's metadata (the Hub's model-index) and its table of
+    every method to the card's text.
+    """
+    names = [b["name_or_path"] for b in config.backbones]
+    for index, report in enumerate(evaluations):
+        if report.backbones != names or report.label_names != config.labels:
+            raise ValueError(
+                f"evaluations[{index}] ({report.dataset}) scored backbones {report.backbones} on "
+                f"{len(report.label_names)} labels, but this model has backbones {names} and {len(config.labels)} "
+                "labels; pass evaluations of this model with its current labels."
+            )
+    hub_backbones = [name for name in names if _is_repo_id(name)]
     data = ModelCardData(
         library_name="clip-ensemble",
         pipeline_tag="image-classification",
         tags=["clip", "ensemble", "clip-ensemble", "few-shot"],
         base_model=hub_backbones or None,
+        # model-index entries need a model name; the repo's, else the library's.
+        model_name=(repo_id.split("/")[-1] if repo_id else "clip-ensemble") if evaluations else None,
+        eval_results=[result for report in evaluations for result in eval_results(report)] or None,
     )
     rows = "\n".join(
         f"| {i} | `{b['name_or_path']}` | {b['revision'] or 'main'} | {b['embed_dim']} |"
@@ -40,6 +87,17 @@ def build_model_card(config: CLIPEnsembleConfig, repo_id: str | None = None) -> 
         calibration = f"| | |\n|---|---|\n{calibration}"
     else:
         calibration = "Not calibrated: the gate gives every backbone the same weight (plain logit averaging)."
+    if evaluations:
+        tables = "\n\n".join(report.table() for report in evaluations)
+        evaluation = (
+            f"{tables}\n\nAccuracies in percent. The best single backbone is chosen on the calibration data; the "
+            "oracle counts an image as right when any backbone is (an upper bound)."
+        )
+    else:
+        evaluation = (
+            "Not evaluated here: `clip-ensemble evaluate` compares the gate with every backbone on a labelled split, "
+            "and `push_to_hub(repo, evaluations=[report])` adds its results to this card."
+        )
     source = repo_id or "path/to/this/folder"
     content = f"""---
 {data.to_yaml()}
@@ -67,6 +125,10 @@ Prompt templates: {templates}. Gate: `{config.combination}` combination, hidden 
 
 {calibration}
 
+## Evaluation
+
+{evaluation}
+
 ## Usage
 
 ```python
@@ -75,8 +137,19 @@ from clip_ensemble import CLIPEnsembleModel
 model = CLIPEnsembleModel.from_pretrained("{source}")
 print(model.classify(["image.jpg"], top_k=5))
 ```
+
+or as a transformers pipeline (which `evaluate` can score on a Hub dataset with
+`clip_ensemble.evaluate_modules.CLIPEnsembleEvaluator`):
+
+```python
+from transformers import pipeline
+from clip_ensemble import CLIPEnsemblePipeline
+
+classifier = pipeline("image-classification", model="{source}", pipeline_class=CLIPEnsemblePipeline)
+print(classifier("image.jpg"))
+```
 """
     return ModelCard(content)
 
 
-__all__ = ["build_model_card"]
+__all__ = ["build_model_card", "eval_results"]

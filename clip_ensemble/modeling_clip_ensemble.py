@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
@@ -22,6 +23,9 @@ from .gate import EnsembleGate, combine_logits
 from .modelcard import build_model_card
 from .processing_clip_ensemble import CLIPEnsembleProcessor, ImageInput
 from .zero_shot import build_zero_shot_classifier
+
+if TYPE_CHECKING:  # evaluation.py imports this module
+    from .evaluation import EvaluationReport
 
 GATE_WEIGHTS_NAME = "gate.safetensors"
 
@@ -72,6 +76,7 @@ class CLIPEnsembleModel(PreTrainedModel):
     config_class = CLIPEnsembleConfig
     base_model_prefix = "clip_ensemble"
     main_input_name = "pixel_values"
+    input_modalities = ("image",)
 
     def __init__(self, config: CLIPEnsembleConfig, backbones: Sequence[Backbone]):
         super().__init__(config)
@@ -233,11 +238,24 @@ class CLIPEnsembleModel(PreTrainedModel):
 
     # Saving and loading: the config and the gate only (like a PEFT adapter).
 
-    def save_pretrained(self, save_directory: str | os.PathLike, repo_id: str | None = None, **_) -> None:
-        """Write `config.json`, `gate.safetensors` and a model card `README.md`; no backbone weight."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        repo_id: str | None = None,
+        evaluations: EvaluationReport | Sequence[EvaluationReport] = (),
+        **_,
+    ) -> None:
+        """Write `config.json`, `gate.safetensors` and a model card `README.md`; no backbone weight.
+
+        `evaluations` (reports of `clip_ensemble.evaluate`) go into the card: the gate's results as model-index
+        metadata, the table of every method as text.
+        """
         save_directory = Path(save_directory)
         if save_directory.is_file():
             raise ValueError(f"save_directory '{save_directory}' is a file; give a folder.")
+        if not isinstance(evaluations, Sequence):
+            evaluations = [evaluations]
+        card = build_model_card(self.config, repo_id=repo_id, evaluations=evaluations)  # checks them before writing
         save_directory.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
         self.config.save_pretrained(save_directory)
@@ -246,7 +264,7 @@ class CLIPEnsembleModel(PreTrainedModel):
         partial = save_directory / f".{GATE_WEIGHTS_NAME}.partial"
         save_file(gate_state, partial, metadata={"format": "pt"})
         os.replace(partial, save_directory / GATE_WEIGHTS_NAME)
-        build_model_card(self.config, repo_id=repo_id).save(save_directory / "README.md")
+        card.save(save_directory / "README.md")
 
     def push_to_hub(
         self,
@@ -257,12 +275,16 @@ class CLIPEnsembleModel(PreTrainedModel):
         revision: str | None = None,
         commit_message: str = "Upload CLIP ensemble gate",
         create_pr: bool = False,
+        evaluations: EvaluationReport | Sequence[EvaluationReport] = (),
     ):
-        """Upload the config, the gate and the model card to `repo_id` (created if needed); returns the commit."""
+        """Upload the config, the gate and the model card to `repo_id` (created if needed); returns the commit.
+
+        `evaluations` (reports of `clip_ensemble.evaluate`) put the gate's results in the card's model-index.
+        """
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, repo_id=repo_id)
+            self.save_pretrained(folder, repo_id=repo_id, evaluations=evaluations)
             operations = [
                 CommitOperationAdd(path_in_repo=file.name, path_or_fileobj=str(file))
                 for file in sorted(Path(folder).iterdir())

@@ -22,9 +22,11 @@ def image_folder(tmp_path_factory):
 def test_calibrate_evaluate_predict(toy_backbone_dirs, image_folder, tmp_path, capsys):
     output, cache = tmp_path / "gate", tmp_path / "cache"
     args = ["--dataset", str(image_folder), "--cache-dir", str(cache)]
-    assert main(["calibrate", "--backbones", *toy_backbone_dirs, *args, "--shots", "2", "--output", str(output)]) == 0
+    calibrate = ["calibrate", "--backbones", *toy_backbone_dirs, *args, "--shots", "2", "--eval-split", "test"]
+    assert main([*calibrate, "--output", str(output)]) == 0
     assert "2 shots per class" in capsys.readouterr().out
     assert {p.name for p in output.iterdir()} == {"config.json", "gate.safetensors", "README.md"}
+    assert "model-index:" in (output / "README.md").read_text()  # the evaluation, in the card
     assert CLIPEnsembleModel.from_pretrained(output).labels == sorted(TOY_CLASSES)
 
     assert main(["evaluate", str(output), *args, "--json", str(tmp_path / "r.json")]) == 0
@@ -61,3 +63,36 @@ def test_configs_lists_the_curated_sets(capsys):
     assert all(name in listing for name in ("openai-vit", "paper-openai-9", "laion-vit", "siglip", "small-cpu"))
     assert main(["configs", "nope"]) == 2
     assert "Unknown backbone set 'nope'" in capsys.readouterr().err
+
+
+def test_calibrate_pushes_to_the_hub(toy_backbone_dirs, image_folder, tmp_path, capsys):
+    from unittest import mock
+
+    from huggingface_hub import CommitInfo, HfApi, RepoUrl
+
+    pushed = []
+
+    def fake_create_commit(self, repo_id, operations, **kwargs):
+        pushed.extend(op.path_in_repo for op in operations)
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/1", commit_message="", commit_description="", oid="1"
+        )
+
+    repo = RepoUrl("https://huggingface.co/me/toy-gate")
+    with (
+        mock.patch.object(HfApi, "create_repo", return_value=repo),
+        mock.patch.object(HfApi, "create_commit", fake_create_commit),
+    ):
+        code = main(
+            ["calibrate", "--backbones", *toy_backbone_dirs[:2], "--dataset", str(image_folder), "--shots", "1"]
+            + [
+                "--output",
+                str(tmp_path / "gate"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--push-to-hub",
+                "me/toy-gate",
+            ]
+        )
+    assert code == 0 and sorted(pushed) == ["README.md", "config.json", "gate.safetensors"]
+    assert "Pushed to https://huggingface.co/me/toy-gate/commit/1" in capsys.readouterr().out

@@ -6,11 +6,11 @@ from unittest import mock
 import pytest
 import torch
 from conftest import put_in_hub_cache
-from huggingface_hub import CommitInfo, HfApi, RepoUrl
+from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 
-from clip_ensemble import CLIPEnsembleConfig, CLIPEnsembleModel
+from clip_ensemble import CLIPEnsembleConfig, CLIPEnsembleModel, FeatureCache, evaluate, from_lists
 
 LABELS = ["cat", "dog", "bird"]
 SAVED_FILES = {"config.json", "gate.safetensors", "README.md"}
@@ -89,6 +89,46 @@ def test_push_to_hub_uploads_exactly_the_small_files(calibrated):
     create.assert_called_once_with("me/gate", private=True, exist_ok=True)
     assert set(uploaded) == SAVED_FILES
     assert b'from_pretrained("me/gate")' in uploaded["README.md"]
+
+
+def test_push_with_evaluations_writes_the_model_index(calibrated, images, tmp_path):
+    report = evaluate(calibrated, from_lists(images, ["cat", "dog", "bird", "cat"]), cache=FeatureCache(None))
+    gate = next(row for row in report.rows() if row["method"] == "gate")
+    uploaded = {}
+
+    def fake_create_commit(self, repo_id, operations, **kwargs):
+        uploaded.update({op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations})
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/abc",
+            commit_message="m",
+            commit_description="",
+            oid="abc",
+        )
+
+    with (
+        mock.patch.object(HfApi, "create_repo", return_value=RepoUrl("https://huggingface.co/me/gate")),
+        mock.patch.object(HfApi, "create_commit", fake_create_commit),
+    ):
+        calibrated.push_to_hub("me/gate", evaluations=report)
+    card = ModelCard(uploaded["README.md"].decode())
+    assert card.data.model_name == "gate"
+    results = {(r.dataset_type, r.task_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results == {
+        ("lists", "image-classification", "accuracy"): round(gate["top1"], 4),
+        ("lists", "image-classification", "top_5_accuracy"): round(gate["top5"], 4),
+        ("lists", "image-classification", "mean_per_class_recall"): round(gate["mean_per_class_recall"], 4),
+    }
+    assert report.table() in card.text
+    calibrated.save_pretrained(tmp_path)  # without evaluations: no model-index
+    assert "model-index" not in (tmp_path / "README.md").read_text()
+
+
+def test_evaluations_of_another_label_set_are_refused(calibrated, images, tmp_path):
+    report = evaluate(calibrated, from_lists(images[:2], ["cat", "dog"]), cache=FeatureCache(None))
+    calibrated.set_labels(["cat", "dog"])
+    with pytest.raises(ValueError, match=r"evaluations\[0\] \(lists\) scored backbones .* on 3 labels"):
+        calibrated.save_pretrained(tmp_path / "gate", evaluations=[report])
+    assert not (tmp_path / "gate").exists()
 
 
 def test_gate_with_wrong_shapes_is_rejected(calibrated, tmp_path):

@@ -1,0 +1,216 @@
+"""An evaluation written out for people: a Markdown report with charts, and the numbers as JSON and CSV.
+
+Charts need matplotlib (the `[report]` extra). They are drawn on `matplotlib.figure.Figure` objects and saved with
+the Agg renderer, never through pyplot, so writing a report leaves an interactive session's backend alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+from .evaluation import ORACLE, EvaluationReport
+
+REPORT_FILES = (
+    "report.md",
+    "results.json",
+    "per_class_accuracy.csv",
+    "confusion_matrix.csv",
+    "confusion_matrix.png",
+    "accuracy.png",
+    "gate_weights.png",
+)
+_LABEL_WIDTH = 42  # characters of a method, backbone or class name shown on a chart axis
+
+
+def require_matplotlib() -> None:
+    """Raise an ImportError naming the extra when matplotlib is missing (check before a long evaluation)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "Writing an evaluation report draws charts with matplotlib, which is not installed; "
+            'install it with `pip install "clip-ensemble[report]"` (or `pip install matplotlib`).'
+        ) from error
+
+
+def _short(name: str, width: int = _LABEL_WIDTH) -> str:
+    """Long names (folders, repo ids) keep their start and end: 'best single (/tmp/…/toy-clip-1, chosen …)'."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return name[:head] + "…" + name[-(width - 1 - head) :]
+
+
+def check_report_folder(folder: str | os.PathLike) -> None:
+    """A new or empty folder, or an earlier report's (whose files are replaced); never a folder of other files."""
+    folder = Path(folder)
+    if folder.is_file():
+        raise ValueError(f"Report folder '{folder}' is a file; give a folder.")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "results.json").is_file():
+        raise ValueError(
+            f"Report folder '{folder}' already holds other files; give a new or empty folder, or an earlier "
+            "report's folder to replace that report."
+        )
+
+
+def _bar_chart(path: Path, names: list[str], values: list[float], title: str, xlabel: str, colours: list[str]) -> None:
+    """Horizontal bars, first name on top, each labelled with its value in percent."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 1.2 + 0.42 * len(names)), layout="constrained")
+    ax = fig.subplots()
+    positions = range(len(names))[::-1]
+    bars = ax.barh(list(positions), [100 * v for v in values], color=colours)
+    ax.bar_label(bars, labels=[f"{100 * v:.1f}" for v in values], padding=3, fontsize=9)
+    ax.set_yticks(list(positions), [_short(name) for name in names], fontsize=9)
+    ax.set_xlim(0, 112)  # room for the value labels
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=11)
+    ax.grid(axis="x", alpha=0.3)
+    fig.savefig(path, dpi=110)
+
+
+def _accuracy_chart(report: EvaluationReport, path: Path) -> None:
+    rows = report.rows()
+    colour = {report.gate_method: "tab:orange", ORACLE: "tab:grey"}
+    _bar_chart(
+        path,
+        [row["method"] for row in rows],
+        [row["top1"] for row in rows],
+        f"Top-1 accuracy per method: {report.dataset}, {len(report.labels)} images",
+        "top-1 accuracy (%)",
+        [colour.get(row["method"], "tab:blue") for row in rows],
+    )
+
+
+def _gate_chart(report: EvaluationReport, path: Path) -> None:
+    shares = report.largest_gate_weight_share()
+    _bar_chart(
+        path,
+        list(shares),
+        list(shares.values()),
+        "Which backbone the gate weighs most, per image",
+        "share of images where it has the largest gate weight (%)",
+        ["tab:green" if name in report.backbones else "tab:grey" for name in shares],
+    )
+
+
+def _confusion_chart(report: EvaluationReport, path: Path) -> None:
+    """Rows normalised to each true label's images, on a square-root colour scale so that confusions of a few
+    percent show; counts in the cells up to 20 labels, label names on the axes up to 150."""
+    from matplotlib.colors import PowerNorm
+    from matplotlib.figure import Figure
+
+    counts = report.confusion_matrix()  # (C, C)
+    num_classes = len(report.label_names)
+    shares = counts.double() / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    side = min(18.0, 4.0 + 0.14 * num_classes)  # inches: about 17 px per label at 100 labels
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(shares.numpy(), cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
+    if num_classes <= 150:
+        fontsize = min(9.0, max(5.0, 700 / num_classes))
+        names = [_short(name, 24) for name in report.label_names]
+        ax.set_xticks(range(num_classes), names, rotation=90, fontsize=fontsize)
+        ax.set_yticks(range(num_classes), names, fontsize=fontsize)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.set_xlabel("predicted label" + ("" if num_classes <= 150 else " (in the order of confusion_matrix.csv)"))
+    ax.set_ylabel("true label")
+    ax.set_title(f"Confusion matrix of the {report.gate_method}: {report.dataset}", fontsize=11)
+    if num_classes <= 20:
+        for (true, predicted), count in zip(counts.nonzero().tolist(), counts[counts > 0].tolist()):
+            dark = shares[true, predicted] > 0.5
+            ax.text(
+                predicted, true, str(count), ha="center", va="center", fontsize=8, color="white" if dark else "black"
+            )
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true label's images (square-root scale)")
+    fig.savefig(path, dpi=110)
+
+
+def _percent(value: float) -> str:
+    return "-" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+def _markdown(report: EvaluationReport) -> str:
+    shares = report.largest_gate_weight_share()
+    # The gate beside the baselines it must beat.
+    methods = [report.gate_method, *(m for m in report.ranked if m.startswith("best single") or m == "mean of logits")]
+    per_class = {method: report.per_class_accuracy(method) for method in methods}
+    support = report.labels.bincount(minlength=len(report.label_names)).tolist()
+    lines = [
+        f"# Evaluation: {report.dataset}",
+        "",
+        report.table(),
+        "",
+        "Accuracies in percent; the best single backbone is chosen on the calibration data, the oracle counts an image "
+        "as right when any backbone is.",
+        "",
+        "![Top-1 accuracy per method](accuracy.png)",
+        "",
+        "## The gate",
+        "",
+        "| backbone | images where it has the largest weight (%) |",
+        "|---|---:|",
+        *(f"| {name} | {_percent(share)} |" for name, share in shares.items()),
+        "",
+        "![Which backbone the gate weighs most](gate_weights.png)",
+        "",
+        "## Per class",
+        "",
+        "Top-1 accuracy (%) on each label's images; all methods in `per_class_accuracy.csv`, the gate's confusion "
+        "matrix in `confusion_matrix.csv`.",
+        "",
+        "| label | images | " + " | ".join(methods) + " |",
+        "|---|---:|" + "---:|" * len(methods),
+        *(
+            f"| {name} | {count} | " + " | ".join(_percent(per_class[m][name]) for m in methods) + " |"
+            for name, count in zip(report.label_names, support)
+        ),
+        "",
+        "![Confusion matrix of the gate](confusion_matrix.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(report: EvaluationReport, folder: str | os.PathLike) -> list[Path]:
+    """Write `REPORT_FILES` into `folder` (created; an earlier report there is replaced); returns their paths.
+
+    report.md       the table, charts and per-class accuracies, for reading
+    results.json    `report.to_dict()`: every method's top-1, top-5, mean per-class recall, and the gate's choices
+    per_class_accuracy.csv   label, images, then each method's top-1 accuracy on that label (fractions)
+    confusion_matrix.csv     the gate's confusion matrix: row = true label, column = predicted label (counts)
+    *.png           accuracy per method, the gate's most weighted backbone, the gate's confusion matrix
+    """
+    require_matplotlib()
+    folder = Path(folder)
+    check_report_folder(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    report.to_json(folder / "results.json")
+    methods = [row["method"] for row in report.rows() if row["method"] != ORACLE]
+    per_class = {method: report.per_class_accuracy(method) for method in methods}
+    support = report.labels.bincount(minlength=len(report.label_names)).tolist()
+    with open(folder / "per_class_accuracy.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "images", *methods])
+        for name, count in zip(report.label_names, support):
+            writer.writerow([name, count, *(f"{per_class[m][name]:.6f}" for m in methods)])
+    with open(folder / "confusion_matrix.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *report.label_names])
+        for name, row in zip(report.label_names, report.confusion_matrix().tolist()):
+            writer.writerow([name, *row])
+    _accuracy_chart(report, folder / "accuracy.png")
+    _gate_chart(report, folder / "gate_weights.png")
+    _confusion_chart(report, folder / "confusion_matrix.png")
+    (folder / "report.md").write_text(_markdown(report))
+    return [folder / name for name in REPORT_FILES]
+
+
+__all__ = ["REPORT_FILES", "check_report_folder", "require_matplotlib", "write_report"]

@@ -1,0 +1,100 @@
+"""The image-classification pipeline and `evaluate`'s evaluator on a local `datasets.Dataset`, with trained toy
+backbones: the evaluator must report exactly what `clip_ensemble.evaluate` reports for the gate."""
+
+import datasets
+import pytest
+import torch
+from transformers import pipeline
+
+from clip_ensemble import CLIPEnsembleModel, CLIPEnsemblePipeline, FeatureCache, calibrate, evaluate
+from clip_ensemble.evaluate_modules import CLIPEnsembleEvaluator, MeanPerClassRecall, TopKAccuracy
+from clip_ensemble.toy import TOY_CLASSES, toy_dataset
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return FeatureCache(None)
+
+
+@pytest.fixture(scope="module")
+def calibrated(toy_backbone_dirs, cache):
+    model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
+    calibrate(model, toy_dataset(per_class=16, seed=3), shots=1, seed=0, cache=cache, progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def test_dataset():
+    """Held-out toy images as a `datasets.Dataset` with an Image column and a ClassLabel column, like a Hub dataset."""
+    data = toy_dataset(per_class=6, seed=7)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(TOY_CLASSES))})
+    return datasets.Dataset.from_dict({"image": data.images, "label": data.labels}, features=features)
+
+
+def _gate_row(report) -> dict:
+    return next(row for row in report.rows() if row["method"] == report.gate_method)
+
+
+def test_pipeline_returns_labels_and_scores_like_transformers(calibrated, test_dataset):
+    classifier = CLIPEnsemblePipeline(calibrated)
+    images = test_dataset["image"][:6]
+    one = classifier(images[0])
+    assert [set(p) for p in one] == [{"label", "score"}] * 5  # top_k=5 by default
+    assert [p["score"] for p in one] == sorted((p["score"] for p in one), reverse=True)
+    expected = calibrated.classify(images, top_k=2)
+    batched = classifier(images, top_k=2, batch_size=4)  # each backbone's pixel values stacked separately
+    assert [[p["label"] for p in top] for top in batched] == [[p["label"] for p in top] for top in expected]
+    for top, reference in zip(batched, expected):
+        torch.testing.assert_close([p["score"] for p in top], [p["score"] for p in reference])
+    with pytest.raises(ValueError, match="top_k=0"):
+        classifier(images[0], top_k=0)
+
+
+def test_transformers_pipeline_loads_a_saved_ensemble(calibrated, test_dataset, tmp_path):
+    CLIPEnsemblePipeline(calibrated).save_pretrained(tmp_path)  # the ensemble's small files, no processor
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "gate.safetensors", "README.md"}
+    classifier = pipeline("image-classification", model=str(tmp_path), pipeline_class=CLIPEnsemblePipeline)
+    image = test_dataset[0]["image"]
+    assert isinstance(classifier.model, CLIPEnsembleModel)
+    assert classifier(image, top_k=3) == CLIPEnsemblePipeline(calibrated)(image, top_k=3)
+    with pytest.raises(TypeError, match="needs a CLIPEnsembleModel"):
+        CLIPEnsemblePipeline(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("calibrated_gate", [True, False])
+def test_evaluator_agrees_with_evaluate(toy_backbone_dirs, calibrated, test_dataset, cache, calibrated_gate):
+    model = calibrated if calibrated_gate else CLIPEnsembleModel.from_backbones(toy_backbone_dirs, list(TOY_CLASSES))
+    expected = _gate_row(evaluate(model, test_dataset, cache=cache, progress=False))
+    results = CLIPEnsembleEvaluator(ranked=True).compute(model_or_pipeline=model, data=test_dataset)
+    assert results["accuracy"] == expected["top1"]
+    assert results["top_5_accuracy"] == expected["top5"]
+    assert results["mean_per_class_recall"] == pytest.approx(expected["mean_per_class_recall"], abs=1e-12)
+    # The toy gate is meaningful: calibrated, it is right where plain averaging is not.
+    assert expected["top1"] > 0.9 if calibrated_gate else expected["top1"] < 0.7
+
+
+def test_evaluator_takes_a_pipeline_or_a_saved_folder(calibrated, test_dataset, tmp_path):
+    expected = CLIPEnsembleEvaluator().compute(model_or_pipeline=calibrated, data=test_dataset)
+    assert set(expected) >= {"accuracy", "mean_per_class_recall", "samples_per_second"}
+    calibrated.save_pretrained(tmp_path)
+    from_folder = CLIPEnsembleEvaluator().compute(
+        model_or_pipeline=str(tmp_path),
+        data=test_dataset,
+        metric=TopKAccuracy(1),
+        label_mapping=calibrated.config.label2id,
+    )
+    assert from_folder["accuracy"] == expected["accuracy"]
+    from_pipeline = CLIPEnsembleEvaluator().compute(
+        model_or_pipeline=CLIPEnsemblePipeline(calibrated, batch_size=16),
+        data=test_dataset,
+        metric=MeanPerClassRecall(),
+    )
+    assert from_pipeline["mean_per_class_recall"] == expected["mean_per_class_recall"]
+
+
+def test_evaluator_names_unmapped_labels(calibrated, test_dataset):
+    with pytest.raises(ValueError, match="which the label mapping does not map"):
+        CLIPEnsembleEvaluator().compute(model_or_pipeline=calibrated, data=test_dataset, label_mapping={"red": 0})
+    plain = test_dataset.cast_column("label", datasets.Value("int64"))
+    with pytest.raises(ValueError, match="not a ClassLabel; pass label_mapping"):
+        CLIPEnsembleEvaluator().compute(model_or_pipeline=calibrated, data=plain)
