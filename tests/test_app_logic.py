@@ -133,9 +133,12 @@ def test_calibrate_and_evaluate_on_a_hub_dataset(ensemble, monkeypatch):
     assert session.calibration["dataset"] == "someone/colours" and session.calibration["images"] == 12
     assert steps[0] == (0.0, "Loading someone/colours (train)") and steps[-1] == (1.0, "Training the gate")
     report = ensemble.evaluate_hub(session, "someone/colours", "test", max_images=20)
-    assert report.dataset == "someone/colours (20 of its 36 images)" and len(report.labels) == 20
+    assert len(report.labels) == 20
     table = report.table()
+    assert table.startswith("someone/colours, a sample of 20 of 36 images (test): 20 images, 6 labels")
     assert "| gate |" in table and "| mean of logits |" in table and "oracle" in table
+    whole = ensemble.evaluate_hub(session, "someone/colours", "test", max_images=100)
+    assert whole.table().startswith("someone/colours (test): 36 images, 6 labels")
 
 
 def test_hub_dataset_problems_name_the_fix(ensemble, monkeypatch):
