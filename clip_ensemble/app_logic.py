@@ -23,7 +23,7 @@ from PIL import Image
 
 from .calibration import backbone_names, calibrate
 from .data import LabelledImages, from_lists, load_labelled_data, sample_few_shot
-from .evaluation import EvaluationReport, evaluate
+from .evaluation import EvaluationReport, align_labels, evaluate_embeddings
 from .features import FeatureCache
 from .hub_configs import resolve_backbones
 from .modeling_clip_ensemble import CLIPEnsembleModel
@@ -117,19 +117,13 @@ class Prediction:
     """One image's classification by a session's gate."""
 
     top: dict[str, float]  # the top-k labels -> probability
-    backbones: list[dict]  # per backbone: short name, its own top label and probability, its gate weight
-    gate_weights: dict[str, float]  # short backbone name -> gate weight
+    backbones: list[dict]  # per backbone: name, its own top label and probability, its gate weight
+    gate_weights: dict[str, float]  # backbone name -> gate weight
     note: str  # which gate classified, in words
 
 
 def _state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
-
-
-def short_names(names: Sequence[str]) -> list[str]:
-    """Chart labels for backbones: a repo id's or folder's last part, unless two would then clash."""
-    short = [name.rstrip("/").split("/")[-1].removeprefix("hf-hub:").removeprefix("local-dir:") for name in names]
-    return short if len(set(short)) == len(short) else list(names)
 
 
 class SharedEnsemble:
@@ -144,8 +138,7 @@ class SharedEnsemble:
         self.hub_cache = FeatureCache() if hub_cache is None else hub_cache
         self._lock = threading.Lock()
         self._initial_gate = _state_copy(model.gate)  # the averaging initialisation
-        self.names = backbone_names(model)
-        self.short_names = short_names(self.names)
+        self.names = backbone_names(model)  # local folders by their last part
 
     @classmethod
     def load(cls, backbones: Sequence[str], labels: Sequence[str], **kwargs) -> SharedEnsemble:
@@ -177,23 +170,24 @@ class SharedEnsemble:
 
     def _embed(
         self, cache: FeatureCache, images: Sequence[ImageInput], progress: ProgressCallback
-    ) -> tuple[float, int]:
-        """Fill `cache` with every backbone's embeddings of `images`, outside the lock, reporting progress.
+    ) -> tuple[list[torch.Tensor], float, int]:
+        """Every backbone's embeddings of `images` through `cache`, outside the lock, reporting progress.
 
-        Returns the seconds it took and the number of images a backbone ran on (cache misses).
+        Returns one (n, embed_dim_b) tensor per backbone, the seconds it took, and the number of images a backbone
+        ran on (cache misses; with the shared Hub cache a concurrent request can blur that count).
         """
-        started, computed = time.perf_counter(), 0
+        started, computed, chunks = time.perf_counter(), 0, []
         for start in range(0, len(images), EMBED_CHUNK):
             progress(start / len(images), f"Embedding images: {start} of {len(images)}")
-            cache.embed(self.model.backbones, images[start : start + EMBED_CHUNK], progress=False)
-            # Informational: with the shared Hub cache, a concurrent request can overwrite `last_computed`.
+            chunks.append(cache.embed(self.model.backbones, images[start : start + EMBED_CHUNK], progress=False))
             computed += max(cache.last_computed, default=0)
-        return time.perf_counter() - started, computed
+        embeds = [torch.cat(per_backbone) for per_backbone in zip(*chunks)]
+        return embeds, time.perf_counter() - started, computed
 
     def _calibrate(
         self, session: SessionGate, data: LabelledImages, shots: int, cache: FeatureCache, progress: ProgressCallback
     ) -> SessionGate:
-        seconds, computed = self._embed(cache, data.images, progress)
+        _, seconds, computed = self._embed(cache, data.images, progress)
         progress(1.0, "Training the gate")
         with self._session(session, data.label_names) as model:
             report = calibrate(model, data, shots=shots, seed=0, cache=cache, progress=False)
@@ -274,13 +268,12 @@ class SharedEnsemble:
         data = self.load_hub_split(dataset, split)
         if len(data) > max_images:
             picked = np.sort(np.random.default_rng(0).choice(len(data), max_images, replace=False))
-            data = data.subset(picked.tolist(), name=f"{data.name} ({max_images} of its {len(data)} images)")
-        else:
-            data = data.subset(range(len(data)))  # decoded once, not once per pass
-        self._embed(self.hub_cache, data.images, progress)
+            data = data.subset(picked.tolist(), name=f"{data.name}, a sample of {max_images} of {len(data)} images")
+        embeds, _, _ = self._embed(self.hub_cache, data.images, progress)
         progress(1.0, "Scoring")
         with self._session(session, data.label_names) as model:
-            return evaluate(model, data, cache=self.hub_cache, progress=False)
+            labels = torch.tensor(align_labels(model, data))
+            return evaluate_embeddings(model, embeds, labels, dataset=data.name, split=split)
 
     def classify(self, session: SessionGate, labels_text: str, image: ImageInput | None, top_k: int = 5) -> Prediction:
         """The session's gate on one image: top-k labels, each backbone's own top label, and the gate weights."""
@@ -300,7 +293,7 @@ class SharedEnsemble:
         top = probs.topk(min(top_k, len(labels)))
         rows = [
             {"backbone": name, "top label": labels[int(p.argmax())], "probability": float(p.max()), "gate weight": w}
-            for name, p, w in zip(self.short_names, per_backbone, weights)
+            for name, p, w in zip(self.names, per_backbone, weights)
         ]
         note = session.describe()
         if not session.calibrated:
@@ -308,7 +301,7 @@ class SharedEnsemble:
         return Prediction(
             top={labels[i]: float(s) for s, i in zip(top.values, top.indices.tolist())},
             backbones=rows,
-            gate_weights=dict(zip(self.short_names, weights)),
+            gate_weights=dict(zip(self.names, weights)),
             note=note,
         )
 
@@ -368,6 +361,5 @@ __all__ = [
     "check_dataset_id",
     "check_upload",
     "parse_labels",
-    "short_names",
     "split_labels",
 ]

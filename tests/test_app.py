@@ -1,5 +1,5 @@
-"""`python app.py` end to end: started on 127.0.0.1 with the toy backbones, driven through gradio_client and through a
-headless Chromium, and started on unreachable Hub backbones."""
+"""The app end to end: `python app.py` on 127.0.0.1 with the toy backbones, driven through gradio_client and through
+a headless Chromium; and `app.main` on unreachable Hub backbones."""
 
 import os
 import re
@@ -13,11 +13,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import gradio
 import httpx
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
+from app import main
 from clip_ensemble import CLIPEnsembleModel
 from clip_ensemble.app_logic import GATE_FOLDER, MAX_UPLOAD_LABELS
 from clip_ensemble.toy import TOY_CLASSES
@@ -96,12 +98,11 @@ def test_calibrate_classify_and_download_through_the_api(app_url, toy_backbone_d
     assert [round(weight, 6) for _, weight in chart["data"]] == [round(1 / 3, 6)] * 3
 
     job = client.submit(LABELS, *_uploads(toy_uploads), api_name="/calibrate_uploads")
-    steps = set()
-    while not job.done():  # the progress bar's steps, as the page shows them
-        steps.update(unit.desc for unit in job.status().progress_data or [])
-        time.sleep(0.01)
     report, status = job.result()
-    assert "Training the gate" in steps
+    updates, steps = job.communicator.updates, []  # every status update the job received, progress bar included
+    while not updates.empty():
+        steps += [(unit.desc, unit.progress) for unit in getattr(updates.get_nowait(), "progress_data", None) or []]
+    assert steps == [("Embedding images: 0 of 18", 0.0), ("Training the gate", 1.0)]
     assert "Calibrated on uploaded images: 3 shots per class" in report and "**calibrated**" in status
     label, per_backbone, chart, note = client.predict(LABELS, probe, 6, api_name="/classify")
     assert label["label"] in TOY_CLASSES and "**calibrated**" in note
@@ -137,9 +138,11 @@ def test_each_client_has_its_own_gate(app_url, toy_uploads):
         second.predict(LABELS, api_name="/download_gate")
 
 
-def test_no_file_of_the_server_is_served(app_url, toy_backbone_dirs):
+def test_no_server_file_is_served_and_big_uploads_are_refused(app_url, toy_backbone_dirs):
     for path in [REPO / "app.py", Path(toy_backbone_dirs[0]) / "config.json", Path("/etc/passwd")]:
         assert httpx.get(f"{app_url}gradio_api/file={path}", timeout=10).status_code == 403
+    big = {"files": ("big.png", os.urandom(11_000_000), "image/png")}  # over the 10 MB limit
+    assert httpx.post(f"{app_url}gradio_api/upload", files=big, timeout=60).status_code == 413
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason="needs Debian's chromium: apt-get install chromium")
@@ -184,10 +187,21 @@ def test_calibrate_and_classify_in_a_browser(app_url, toy_uploads, tmp_path):
     assert all((tmp_path / name).stat().st_size > 10_000 for name in ("calibrated.png", "classified.png"))
 
 
-def test_unreachable_backbones_show_the_problem_and_the_fix(tmp_path):
-    """Offline, the default Hub backbones cannot load: the page says so, with the command that works."""
-    with running_app([], tmp_path) as url:
-        text = _page_text(url)
+def test_unreachable_backbones_show_the_problem_and_the_fix(monkeypatch):
+    """Offline, the default Hub backbones cannot load: `app.main` still serves a page that says so, with the command
+    that works (in this process, so that the server can be stopped after)."""
+    launched, launch = [], gradio.Blocks.launch
+    monkeypatch.setattr(
+        gradio.Blocks,
+        "launch",
+        lambda self, **kw: launched.append(self) or launch(self, **kw, prevent_thread_lock=True),
+    )
+    main(["--port", str(_free_port())])
+    [page] = launched
+    try:
+        text = _page_text(page.local_url)
+    finally:
+        page.close()
     assert "The backbones could not be loaded" in text and "openai/clip-vit-base-patch32" in text
     assert "python app.py --backbones DIR1 DIR2" in text
     assert "Traceback" not in text

@@ -98,7 +98,9 @@ def test_a_new_label_set_reuses_the_calibrated_gate(ensemble, calibrated, probe)
     assert set(prediction.top) == {"teal", "green", "a dog"} and "calibrated" in prediction.note
 
 
-def test_a_corrupt_upload_is_refused_by_name_and_the_gate_kept(ensemble, calibrated, toy_uploads, probe, tmp_path):
+def test_bad_uploads_are_refused_by_name_and_the_gate_kept(
+    ensemble, calibrated, toy_uploads, probe, tmp_path, monkeypatch
+):
     broken = tmp_path / "holiday.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     before = ensemble.classify(calibrated, LABELS, probe)
@@ -107,6 +109,9 @@ def test_a_corrupt_upload_is_refused_by_name_and_the_gate_kept(ensemble, calibra
         ensemble.calibrate_uploads(calibrated, LABELS, [*files[:2], [*files[2], str(broken)], *files[3:]])
     with pytest.raises(ValueError, match="No images uploaded for 'blue'"):
         ensemble.calibrate_uploads(calibrated, LABELS, files[:4])
+    monkeypatch.setattr(app_logic, "MAX_IMAGES_PER_LABEL", 2)
+    with pytest.raises(ValueError, match="3 images uploaded for 'red'; upload at most 2"):
+        ensemble.calibrate_uploads(calibrated, LABELS, files)
     with pytest.raises(ValueError, match=r"'holiday.png' \(the image to classify\)"):
         ensemble.classify(calibrated, LABELS, str(broken))
     after = ensemble.classify(calibrated, LABELS, probe)
@@ -128,9 +133,12 @@ def test_calibrate_and_evaluate_on_a_hub_dataset(ensemble, monkeypatch):
     assert session.calibration["dataset"] == "someone/colours" and session.calibration["images"] == 12
     assert steps[0] == (0.0, "Loading someone/colours (train)") and steps[-1] == (1.0, "Training the gate")
     report = ensemble.evaluate_hub(session, "someone/colours", "test", max_images=20)
-    assert report.dataset == "someone/colours (20 of its 36 images)" and len(report.labels) == 20
+    assert len(report.labels) == 20
     table = report.table()
+    assert table.startswith("someone/colours, a sample of 20 of 36 images (test): 20 images, 6 labels")
     assert "| gate |" in table and "| mean of logits |" in table and "oracle" in table
+    whole = ensemble.evaluate_hub(session, "someone/colours", "test", max_images=100)
+    assert whole.table().startswith("someone/colours (test): 36 images, 6 labels")
 
 
 def test_hub_dataset_problems_name_the_fix(ensemble, monkeypatch):
