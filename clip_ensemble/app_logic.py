@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .calibration import backbone_names, calibrate
+from .calibration import calibrate
 from .data import LabelledImages, from_lists, load_labelled_data, sample_few_shot
 from .evaluation import EvaluationReport, align_labels, evaluate_embeddings
 from .features import FeatureCache
@@ -138,7 +138,7 @@ class SharedEnsemble:
         self.hub_cache = FeatureCache() if hub_cache is None else hub_cache
         self._lock = threading.Lock()
         self._initial_gate = _state_copy(model.gate)  # the averaging initialisation
-        self.names = backbone_names(model)  # local folders by their last part
+        self.names = model.config.backbone_names  # local folders by their last part
 
     @classmethod
     def load(cls, backbones: Sequence[str], labels: Sequence[str], **kwargs) -> SharedEnsemble:
