@@ -21,6 +21,15 @@ examples:
 """
 
 
+def _add_backbones_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backbones",
+        nargs="+",
+        required=True,
+        help="CLIP repo ids or folders, or one set from `clip-ensemble configs`",
+    )
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser, default_split: str) -> None:
     parser.add_argument("--dataset", required=True, help="Hub dataset id, or a folder with one sub-folder per class")
     parser.add_argument("--split", default=default_split, help=f"dataset split (default: {default_split})")
@@ -158,12 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     calibrate = commands.add_parser("calibrate", help="train a gate on k labelled images per class and save it")
-    calibrate.add_argument(
-        "--backbones",
-        nargs="+",
-        required=True,
-        help="CLIP repo ids or folders, or one set from `clip-ensemble configs`",
-    )
+    _add_backbones_argument(calibrate)
     _add_data_arguments(calibrate, default_split="train")
     calibrate.add_argument("--shots", type=int, default=4, help="labelled images per class (default: 4)")
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the k-shot draw and the gate (default: 0)")
@@ -191,12 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         "extract-features",
         help="embed a dataset with every backbone into the feature cache; run under `accelerate launch` to split it",
     )
-    extract.add_argument(
-        "--backbones",
-        nargs="+",
-        required=True,
-        help="CLIP repo ids or folders, or one set from `clip-ensemble configs`",
-    )
+    _add_backbones_argument(extract)
     _add_data_arguments(extract, default_split="train")
     extract.add_argument("--chunk-size", type=int, default=1024, help="images embedded and saved at a time")
     extract.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="backbone precision")
