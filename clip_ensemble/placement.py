@@ -9,6 +9,9 @@ Devices follow accelerate's naming: an int is an accelerator (CUDA, XPU, ...), t
 main device is the first accelerator (else "cpu"): the gate sits there and the ensemble's logits are gathered there.
 A backbone on "cpu" while the main device is an accelerator, or on "disk", is offloaded with accelerate's hooks: its
 weights stay in CPU memory or in memory-mapped files and are brought whole to the main device for each call.
+
+Backbones on different accelerators run at the same time (`run_per_device`: one thread per device, each device's
+backbones in turn); backbones on the CPU run one after the other, since each already uses every core.
 """
 
 from __future__ import annotations
