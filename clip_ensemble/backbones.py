@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import align_module_device, compute_module_sizes
 from huggingface_hub import hf_hub_download
 from PIL import Image
 from torch import nn
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoProcessor
 
 # OpenAI CLIP's learned logit scale is capped at log(100); used when a model has none.
 _DEFAULT_LOGIT_SCALE = 100.0
@@ -36,21 +40,31 @@ class Backbone(nn.Module):
     """What the ensemble needs from one frozen CLIP-like model, whichever library provides it.
 
     Subclasses set `self.model` (the wrapped module), `name_or_path` and `revision`, and implement `from_pretrained`,
-    `embed_dim`, `logit_scale`, `preprocess`, `encode_images`, `encode_texts` and `cache_key` (what determines the
-    image embeddings, for the feature cache); the embeddings they return are L2-normalised float32 of shape
-    (batch, embed_dim).
+    `weight_bytes` (the size of the weights, without loading them), `embed_dim`, `logit_scale`, `preprocess`,
+    `encode_images`, `encode_texts` and `cache_key` (what determines the image embeddings, for the feature cache);
+    the embeddings they return are L2-normalised float32 of shape (batch, embed_dim). Methods that use the weights run
+    inside `self.onloaded()`, so that a backbone offloaded to CPU or disk (placement.py) works as any other.
     """
 
     name_or_path: str
     revision: str | None
+    # Set by `placement.offload_backbone`: the weights then sit on the meta device between calls.
+    execution_device: torch.device | None = None
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the backbone computes: its weights' device, or the execution device of an offloaded backbone."""
+        return self.execution_device or next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @contextmanager
+    def onloaded(self) -> Iterator[None]:
+        """Bring offloaded weights, all of them, to the execution device for the duration; a no-op otherwise."""
+        with align_module_device(self.model):
+            yield
 
     def describe(self) -> dict:
         """The config entry that points back at this backbone."""
@@ -92,6 +106,21 @@ class TransformersBackbone(Backbone):
             ) from error
         return cls(model, processor, name_or_path, _pinned_revision(name_or_path, revision))
 
+    @classmethod
+    def weight_bytes(cls, name_or_path: str, revision: str | None = None, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the weights in `dtype` (default: the checkpoint's, as `from_pretrained` loads them), measured on
+        the meta device: only the config is read."""
+        try:
+            config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"Backbone '{name_or_path}' (revision {revision or 'main'}) has no readable config: {error}\n"
+                "Check the repo id or folder; offline, pass a local folder that holds the model."
+            ) from error
+        with init_empty_weights():
+            model = AutoModel.from_config(config)
+        return compute_module_sizes(model, dtype=dtype or config.dtype or torch.float32)[""]
+
     @property
     def embed_dim(self) -> int:
         config = self.model.config
@@ -100,8 +129,10 @@ class TransformersBackbone(Backbone):
 
     @property
     def logit_scale(self) -> float:
-        scale = getattr(self.model, "logit_scale", None)
-        return float(scale.exp()) if scale is not None else _DEFAULT_LOGIT_SCALE
+        if getattr(self.model, "logit_scale", None) is None:
+            return _DEFAULT_LOGIT_SCALE
+        with self.onloaded():
+            return float(self.model.logit_scale.exp())
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images -> pixel values (batch, 3, height, width) with this backbone's resizing and normalisation."""
@@ -110,14 +141,16 @@ class TransformersBackbone(Backbone):
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixel_values = pixel_values.to(self.device, self.dtype)
-        features = _as_tensor(self.model.get_image_features(pixel_values=pixel_values))
+        with self.onloaded():
+            features = _as_tensor(self.model.get_image_features(pixel_values=pixel_values))
         return nn.functional.normalize(features.float(), dim=-1)
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         inputs = self.processor(text=texts, padding=self._text_padding, truncation=True, return_tensors="pt")
         inputs = {key: value.to(self.device) for key, value in inputs.items()}
-        features = _as_tensor(self.model.get_text_features(**inputs))
+        with self.onloaded():
+            features = _as_tensor(self.model.get_text_features(**inputs))
         return nn.functional.normalize(features.float(), dim=-1)
 
     def cache_key(self) -> dict:
@@ -138,18 +171,21 @@ class TransformersBackbone(Backbone):
         return key
 
 
-def load_backbone(entry: dict, **model_kwargs) -> Backbone:
-    """Load one backbone from its config entry (repo id or folder, revision).
-
-    `hf-hub:org/name` and `local-dir:/path` are OpenCLIP models (the `[open-clip]` extra); any other repo id or
-    folder is a transformers model.
-    """
-    backbone_class = TransformersBackbone
-    if entry["name_or_path"].startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+def backbone_class(name_or_path: str) -> type[Backbone]:
+    """`hf-hub:org/name` and `local-dir:/path` are OpenCLIP models (the `[open-clip]` extra); any other repo id or
+    folder is a transformers model."""
+    if name_or_path.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
         from .open_clip_backbone import OpenCLIPBackbone  # imported here: that module builds on this one
 
-        backbone_class = OpenCLIPBackbone
-    return backbone_class.from_pretrained(entry["name_or_path"], revision=entry.get("revision"), **model_kwargs)
+        return OpenCLIPBackbone
+    return TransformersBackbone
 
 
-__all__ = ["Backbone", "HF_HUB_PREFIX", "LOCAL_DIR_PREFIX", "TransformersBackbone", "load_backbone"]
+def load_backbone(entry: dict, **model_kwargs) -> Backbone:
+    """Load one backbone from its config entry (repo id or folder, revision)."""
+    return backbone_class(entry["name_or_path"]).from_pretrained(
+        entry["name_or_path"], revision=entry.get("revision"), **model_kwargs
+    )
+
+
+__all__ = ["Backbone", "HF_HUB_PREFIX", "LOCAL_DIR_PREFIX", "TransformersBackbone", "backbone_class", "load_backbone"]

@@ -1,4 +1,4 @@
-"""The `clip-ensemble` command line: calibrate, evaluate, predict, and an offline demo."""
+"""The `clip-ensemble` command line: calibrate, evaluate, predict, extract features, and an offline demo."""
 
 from __future__ import annotations
 
@@ -16,7 +16,18 @@ examples:
       --push-to-hub me/my-gate
   clip-ensemble evaluate eurosat-gate --dataset tanganke/eurosat --split test --report eurosat-report
   clip-ensemble predict eurosat-gate photo1.jpg photo2.png --top-k 3
+  accelerate launch --num_processes 2 -m clip_ensemble.cli extract-features --backbones openai-vit \
+      --dataset tanganke/eurosat --cache-dir /shared/features
 """
+
+
+def _add_backbones_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backbones",
+        nargs="+",
+        required=True,
+        help="CLIP repo ids or folders, or one set from `clip-ensemble configs`",
+    )
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser, default_split: str) -> None:
@@ -128,6 +139,28 @@ def _demo(args) -> None:
     print(f"\nSaved the calibrated gate to {args.output}; load it with CLIPEnsembleModel.from_pretrained.")
 
 
+def _extract_features(args) -> None:
+    from accelerate import PartialState
+
+    from .extraction import extract_features
+
+    columns = {k: v for k, v in (("image_column", args.image_column), ("label_column", args.label_column)) if v}
+    device_map = int(args.device_map) if args.device_map and args.device_map.isdigit() else args.device_map
+    report = extract_features(
+        _backbones(args.backbones),
+        args.dataset,
+        split=args.split,
+        cache=_cache(args),
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        device_map=device_map,
+        dtype=args.dtype,
+        **columns,
+    )
+    if PartialState().is_main_process:
+        print(report)
+
+
 def _configs(args) -> None:
     from .hub_configs import format_config_table
 
@@ -144,12 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     calibrate = commands.add_parser("calibrate", help="train a gate on k labelled images per class and save it")
-    calibrate.add_argument(
-        "--backbones",
-        nargs="+",
-        required=True,
-        help="CLIP repo ids or folders, or one set from `clip-ensemble configs`",
-    )
+    _add_backbones_argument(calibrate)
     _add_data_arguments(calibrate, default_split="train")
     calibrate.add_argument("--shots", type=int, default=4, help="labelled images per class (default: 4)")
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the k-shot draw and the gate (default: 0)")
@@ -178,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("--json", action="store_true", help="print JSON")
     predict.set_defaults(run=_predict)
+
+    extract = commands.add_parser(
+        "extract-features",
+        help="embed a dataset with every backbone into the feature cache; run under `accelerate launch` to split it",
+    )
+    _add_backbones_argument(extract)
+    _add_data_arguments(extract, default_split="train")
+    extract.add_argument("--chunk-size", type=int, default=1024, help="images embedded and saved at a time")
+    extract.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="backbone precision")
+    extract.add_argument(
+        "--device-map",
+        help="where this process puts the backbones (default: its own device): auto, balanced, sequential, cpu, 0, ...",
+    )
+    extract.set_defaults(run=_extract_features)
 
     configs = commands.add_parser("configs", help="list the curated backbone sets, or show one")
     configs.add_argument("name", nargs="?", help="a set name or a .json file")

@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .placement import run_per_device
 from .processing_clip_ensemble import ImageInput, load_images
 
 
@@ -53,6 +54,11 @@ def backbone_fingerprint(backbone) -> str:
     """SHA-256 of what determines a backbone's image embeddings (`backbone.cache_key()`)."""
     payload = json.dumps(backbone.cache_key(), sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _embed(backbone, images: list[Image.Image]) -> torch.Tensor | None:
+    """(len(images), embed_dim) float32 embeddings on the CPU; None for no image."""
+    return backbone.encode_images(backbone.preprocess(images)).cpu() if images else None
 
 
 class FeatureCache:
@@ -103,17 +109,19 @@ class FeatureCache:
         missing = [{d for d in first_index if d not in store} for store in stores]
         todo = [i for d, i in first_index.items() if any(d in m for m in missing)]
         new: list[dict[str, torch.Tensor]] = [{} for _ in backbones]
+        devices = [backbone.device for backbone in backbones]
 
         bar = tqdm(total=len(todo), desc="Embedding images", unit="img", disable=not progress or not todo)
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             pil_images = load_images([images[i] for i in batch])
-            for b, backbone in enumerate(backbones):
-                wanted = [j for j, i in enumerate(batch) if digests[i] in missing[b]]
-                if wanted:
-                    pixels = backbone.preprocess([pil_images[j] for j in wanted])
-                    embeds = backbone.encode_images(pixels).cpu()  # (len(wanted), embed_dim_b)
-                    new[b].update(zip((digests[batch[j]] for j in wanted), embeds))
+            wanted = [[j for j, i in enumerate(batch) if digests[i] in missing[b]] for b in range(len(backbones))]
+            inputs = [[pil_images[j] for j in rows] for rows in wanted]
+            # Backbones on different accelerators run at the same time.
+            encoded = run_per_device(lambda b, inputs=inputs: _embed(backbones[b], inputs[b]), devices)
+            for b, embeds in enumerate(encoded):
+                if embeds is not None:
+                    new[b].update(zip((digests[batch[j]] for j in wanted[b]), embeds))
             bar.update(len(batch))
         bar.close()
 
@@ -123,6 +131,11 @@ class FeatureCache:
             store.update(rows)
         self.last_computed = [len(rows) for rows in new]
         return [torch.stack([store[d] for d in digests]) for store in stores]
+
+    def contains(self, backbone, digests: Sequence[str]) -> list[bool]:
+        """Whether each image digest (`image_fingerprint`) has an embedding for `backbone` in the cache."""
+        store = self._store(backbone_fingerprint(backbone))
+        return [digest in store for digest in digests]
 
 
 __all__ = ["FeatureCache", "backbone_fingerprint", "default_cache_dir", "image_fingerprint"]

@@ -17,10 +17,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .backbones import Backbone, load_backbone
+from .backbones import Backbone
 from .configuration_clip_ensemble import CLIPEnsembleConfig, _normalize_backbone
 from .gate import EnsembleGate, combine_logits
 from .modelcard import build_model_card
+from .placement import Device, load_backbones, run_per_device, torch_device
 from .processing_clip_ensemble import CLIPEnsembleProcessor, ImageInput
 from .zero_shot import build_zero_shot_classifier
 
@@ -97,6 +98,8 @@ class CLIPEnsembleModel(PreTrainedModel):
         self.post_init()
         # Set after post_init so that pretrained backbone weights are never re-initialised.
         self.backbones = nn.ModuleList(backbones)
+        # Frozen; read once, since reading a scalar off an accelerator waits for it.
+        self.logit_scales = [backbone.logit_scale for backbone in backbones]
         self.processor = CLIPEnsembleProcessor([backbone.preprocess for backbone in backbones])
         self._head_cache: dict[tuple, list[torch.Tensor]] = {}
         self.set_labels(config.labels, config.templates)
@@ -119,25 +122,45 @@ class CLIPEnsembleModel(PreTrainedModel):
         backbones: Sequence[str | dict | Backbone],
         labels: Sequence[str],
         templates: Sequence[str] | str = "short",
+        *,
+        device_map: str | int | torch.device | dict | None = None,
+        max_memory: dict | None = None,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        offload_folder: str | os.PathLike | None = None,
         **gate_settings,
     ) -> CLIPEnsembleModel:
         """Build an uncalibrated ensemble (equal to plain logit averaging) from repo ids, folders or backbones.
 
-        `gate_settings` are `gate_hidden_size` and `combination` (see `CLIPEnsembleConfig`).
+        `device_map` ("auto", "balanced", "sequential", one device, or a dict from backbone index or name to
+        device), `max_memory` ({device: bytes or "10GiB"}) and `offload_folder` place each backbone whole on one
+        device (see `clip_ensemble.placement`); `dtype` (alias `torch_dtype`) is the backbones' precision, the gate
+        stays float32. `gate_settings` are `gate_hidden_size` and `combination` (see `CLIPEnsembleConfig`).
         """
         if not backbones:
             raise ValueError("No backbones given: pass at least one CLIP repo id or local folder.")
-        loaded = [
-            backbone if isinstance(backbone, Backbone) else load_backbone(_normalize_backbone(index, backbone))
-            for index, backbone in enumerate(backbones)
-        ]
+        loaded, placement, main = load_backbones(
+            [b if isinstance(b, Backbone) else _normalize_backbone(i, b) for i, b in enumerate(backbones)],
+            device_map=device_map,
+            max_memory=max_memory,
+            dtype=dtype,
+            torch_dtype=torch_dtype,
+            offload_folder=offload_folder,
+        )
         config = CLIPEnsembleConfig(
             backbones=[backbone.describe() for backbone in loaded],
             labels=list(labels),
             templates=templates if isinstance(templates, str) else list(templates),
             **gate_settings,
         )
-        return cls(config, loaded)
+        return cls(config, loaded)._place_gate(placement, main)
+
+    def _place_gate(self, placement: list[Device] | None, main: Device | None) -> CLIPEnsembleModel:
+        """The gate on the main device, where the backbones' embeddings are gathered; records `hf_device_map`."""
+        if placement is not None:
+            self.gate.to(torch_device(main))
+            self.hf_device_map = {"gate": main, **{f"backbones.{i}": d for i, d in enumerate(placement)}}
+        return self
 
     def set_labels(self, labels: Sequence[str], templates: Sequence[str] | str | None = None) -> None:
         """Switch to a new label set (and optionally templates); the gate is kept, it does not depend on labels.
@@ -168,7 +191,10 @@ class CLIPEnsembleModel(PreTrainedModel):
                 f"Got pixel values for {len(pixel_values)} backbones, the ensemble has {len(self.backbones)}; "
                 "preprocess with `model.processor(images)`."
             )
-        return [backbone.encode_images(pixels) for backbone, pixels in zip(self.backbones, pixel_values)]
+        # Backbones on different accelerators run at the same time; inputs move to each backbone's device.
+        return run_per_device(
+            lambda i: self.backbones[i].encode_images(pixel_values[i]), [b.device for b in self.backbones]
+        )
 
     def zero_shot_logits(self, image_embeds: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-backbone normalised embeddings -> (batch, num_backbones, num_labels): z_b = s_b * e_b @ W_b^T."""
@@ -181,8 +207,8 @@ class CLIPEnsembleModel(PreTrainedModel):
                 raise ValueError(f"image_embeds[{index}] has width {embeds.shape[-1]}, backbone {index} has {width}.")
         return torch.stack(
             [
-                backbone.logit_scale * embeds @ head.to(embeds.device).T
-                for backbone, embeds, head in zip(self.backbones, image_embeds, self.zero_shot_heads)
+                scale * embeds @ head.to(embeds.device).T
+                for scale, embeds, head in zip(self.logit_scales, image_embeds, self.zero_shot_heads)
             ],
             dim=1,
         )
@@ -307,11 +333,17 @@ class CLIPEnsembleModel(PreTrainedModel):
         token: str | None = None,
         cache_dir: str | None = None,
         local_files_only: bool = False,
+        device_map: str | int | torch.device | dict | None = None,
+        max_memory: dict | None = None,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        offload_folder: str | os.PathLike | None = None,
         **backbone_kwargs,
     ) -> CLIPEnsembleModel:
         """Load a saved ensemble: each backbone from its own repo at its pinned revision, then the gate, strictly.
 
-        Extra keyword arguments (e.g. `dtype`) go to each backbone's `from_pretrained`.
+        `device_map`, `max_memory`, `offload_folder` and `dtype` (alias `torch_dtype`) place the backbones as in
+        `from_backbones`; other keyword arguments go to each backbone's `from_pretrained`.
         """
         for hub_only in ("force_download", "proxies", "subfolder", "trust_remote_code"):
             backbone_kwargs.pop(hub_only, None)
@@ -325,8 +357,16 @@ class CLIPEnsembleModel(PreTrainedModel):
                 raise ValueError(f"'{path}' has no {GATE_WEIGHTS_NAME}; save the ensemble with `save_pretrained`.")
         else:
             gate_file = hf_hub_download(path, GATE_WEIGHTS_NAME, **hub)
-        backbones = [load_backbone(entry, **backbone_kwargs) for entry in config.backbones]
-        model = cls(config, backbones)
+        backbones, placement, main = load_backbones(
+            config.backbones,
+            device_map=device_map,
+            max_memory=max_memory,
+            dtype=dtype,
+            torch_dtype=torch_dtype,
+            offload_folder=offload_folder,
+            **backbone_kwargs,
+        )
+        model = cls(config, backbones)._place_gate(placement, main)
         model.load_gate(gate_file)
         model.eval()
         return model

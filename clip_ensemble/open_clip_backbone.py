@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from huggingface_hub import snapshot_download
 from PIL import Image
+from safetensors import safe_open
 from torch import nn
 
 from .backbones import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, Backbone
@@ -22,6 +24,19 @@ WEIGHTS_NAME = "open_clip_model.safetensors"
 _SNAPSHOT_FILES = [CONFIG_NAME, WEIGHTS_NAME, "*token*", "vocab*", "merges.txt", "*.model"]
 # transformers' `dtype` keyword as OpenCLIP's `precision`: the whole model in that dtype, as transformers does.
 _PRECISIONS = {torch.float32: "fp32", torch.float16: "pure_fp16", torch.bfloat16: "pure_bf16"}
+_FLOAT_TYPES = {"F64", "F32", "F16", "BF16"}
+_SAFETENSORS_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 def import_open_clip() -> ModuleType:
@@ -34,6 +49,16 @@ def import_open_clip() -> ModuleType:
             'pip install "clip-ensemble[open-clip]"'
         ) from error
     return open_clip
+
+
+def _check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """transformers' `dtype` keyword for OpenCLIP: None, or one of the dtypes of `_PRECISIONS`."""
+    if dtype is None:
+        return None
+    dtype = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype  # "float16" -> torch.float16
+    if dtype not in _PRECISIONS:
+        raise ValueError(f"dtype={dtype!r} is not supported by OpenCLIP backbones; use one of {list(_PRECISIONS)}.")
+    return dtype
 
 
 def _resolve_folder(name_or_path: str, revision: str | None) -> tuple[Path, str | None]:
@@ -101,13 +126,8 @@ class OpenCLIPBackbone(Backbone):
                 f"{CONFIG_NAME} and {WEIGHTS_NAME} (safetensors only: pickled .bin weights are never loaded); "
                 "convert a .bin checkpoint with safetensors.torch.save_file."
             )
-        dtype = model_kwargs.pop("dtype", None)
+        dtype = _check_dtype(model_kwargs.pop("dtype", None))
         if dtype is not None:
-            dtype = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype  # "float16" -> torch.float16
-            if dtype not in _PRECISIONS:
-                raise ValueError(
-                    f"dtype={dtype!r} is not supported by OpenCLIP backbones; use one of {list(_PRECISIONS)}."
-                )
             model_kwargs["precision"] = _PRECISIONS[dtype]
         local_id = f"{LOCAL_DIR_PREFIX}{folder}"
         model, transform = open_clip.create_model_from_pretrained(local_id, **model_kwargs)
@@ -117,13 +137,32 @@ class OpenCLIPBackbone(Backbone):
         backbone.folder = folder
         return backbone
 
+    @classmethod
+    def weight_bytes(cls, name_or_path: str, revision: str | None = None, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the weights in `dtype` (default float32, OpenCLIP's), from the safetensors header: no tensor is
+        read."""
+        dtype = _check_dtype(dtype) or torch.float32
+        folder, _ = _resolve_folder(name_or_path, revision)
+        if not (folder / WEIGHTS_NAME).is_file():
+            raise ValueError(f"Backbone '{name_or_path}' has no {WEIGHTS_NAME} in '{folder}'.")
+        total = 0
+        with safe_open(folder / WEIGHTS_NAME, framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118
+                tensor = weights.get_slice(name)
+                numel = math.prod(tensor.get_shape())
+                # Floating weights are cast to `dtype` on load; integer buffers keep their type.
+                stored = _SAFETENSORS_ITEMSIZE[tensor.get_dtype()]
+                total += numel * (dtype.itemsize if tensor.get_dtype() in _FLOAT_TYPES else stored)
+        return total
+
     @property
     def embed_dim(self) -> int:
         return self._embed_dim
 
     @property
     def logit_scale(self) -> float:
-        return float(self.model.logit_scale.exp())
+        with self.onloaded():
+            return float(self.model.logit_scale.exp())
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images -> pixel values (batch, 3, height, width) with OpenCLIP's resizing and normalisation."""
@@ -131,12 +170,16 @@ class OpenCLIPBackbone(Backbone):
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self.model.encode_image(pixel_values.to(self.device, self.dtype))
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        with self.onloaded():
+            features = self.model.encode_image(pixel_values)
         return nn.functional.normalize(features.float(), dim=-1)
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        features = self.model.encode_text(self.tokenizer(texts).to(self.device))
+        tokens = self.tokenizer(texts).to(self.device)
+        with self.onloaded():
+            features = self.model.encode_text(tokens)
         return nn.functional.normalize(features.float(), dim=-1)
 
     def cache_key(self) -> dict:
