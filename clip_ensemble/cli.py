@@ -143,11 +143,12 @@ def _extract_features(args) -> None:
     from accelerate import PartialState
 
     from .extraction import extract_features
+    from .hub_configs import resolve_backbones
 
     columns = {k: v for k, v in (("image_column", args.image_column), ("label_column", args.label_column)) if v}
     device_map = int(args.device_map) if args.device_map and args.device_map.isdigit() else args.device_map
     report = extract_features(
-        _backbones(args.backbones),
+        resolve_backbones(args.backbones),
         args.dataset,
         split=args.split,
         cache=_cache(args),
