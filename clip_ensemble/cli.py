@@ -39,11 +39,15 @@ def _add_data_arguments(parser: argparse.ArgumentParser, default_split: str) -> 
     parser.add_argument("--batch-size", type=int, default=32, help="images per backbone forward pass")
 
 
+def _columns(args) -> dict[str, str]:
+    """The image and label column names the user gave (others are detected)."""
+    return {k: v for k, v in (("image_column", args.image_column), ("label_column", args.label_column)) if v}
+
+
 def _load_data(args):
     from .data import load_labelled_data
 
-    columns = {k: v for k, v in (("image_column", args.image_column), ("label_column", args.label_column)) if v}
-    return load_labelled_data(args.dataset, split=args.split, **columns)
+    return load_labelled_data(args.dataset, split=args.split, **_columns(args))
 
 
 def _cache(args):
@@ -145,7 +149,6 @@ def _extract_features(args) -> None:
     from .extraction import extract_features
     from .hub_configs import resolve_backbones
 
-    columns = {k: v for k, v in (("image_column", args.image_column), ("label_column", args.label_column)) if v}
     device_map = int(args.device_map) if args.device_map and args.device_map.isdigit() else args.device_map
     report = extract_features(
         resolve_backbones(args.backbones),
@@ -156,7 +159,7 @@ def _extract_features(args) -> None:
         chunk_size=args.chunk_size,
         device_map=device_map,
         dtype=args.dtype,
-        **columns,
+        **_columns(args),
     )
     if PartialState().is_main_process:
         print(report)
