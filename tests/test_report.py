@@ -101,7 +101,7 @@ def test_confusion_matrix_chart_for_many_labels(tmp_path):
 def test_uncalibrated_gate_weights_are_all_ties(toy_backbone_dirs):
     model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
     report = evaluate(model, toy_dataset(per_class=2, seed=7), cache=FeatureCache(None), progress=False)
-    assert report.largest_gate_weight_share() == {**dict.fromkeys(toy_backbone_dirs, 0.0), TIE: 1.0}
+    assert report.largest_gate_weight_share() == {**dict.fromkeys(model.config.backbone_names, 0.0), TIE: 1.0}
 
 
 def test_cli_evaluate_writes_the_report(calibrated, tmp_path, capsys):
