@@ -30,6 +30,20 @@ def _add_backbones_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_placement_arguments(parser: argparse.ArgumentParser, default_device: str) -> None:
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="backbone precision")
+    parser.add_argument(
+        "--device-map",
+        help=f"where to put the backbones: auto, balanced, sequential, cpu, 0, cuda:1, ... (default: {default_device})",
+    )
+
+
+def _placement(args) -> dict:
+    """`device_map` and `dtype` keyword arguments from the command line; "0" is accelerator 0."""
+    device_map = int(args.device_map) if args.device_map and args.device_map.isdigit() else args.device_map
+    return {"device_map": device_map, "dtype": args.dtype}
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser, default_split: str) -> None:
     parser.add_argument("--dataset", required=True, help="Hub dataset id, or a folder with one sub-folder per class")
     parser.add_argument("--split", default=default_split, help=f"dataset split (default: {default_split})")
@@ -68,6 +82,7 @@ def _calibrate(args) -> None:
         labels=data.label_names,
         templates=args.templates,
         combination=args.combination,
+        **_placement(args),
     )
     report = calibrate(model, data, shots=args.shots, seed=args.seed, cache=_cache(args), batch_size=args.batch_size)
     print(report)
@@ -149,7 +164,6 @@ def _extract_features(args) -> None:
     from .extraction import extract_features
     from .hub_configs import resolve_backbones
 
-    device_map = int(args.device_map) if args.device_map and args.device_map.isdigit() else args.device_map
     report = extract_features(
         resolve_backbones(args.backbones),
         args.dataset,
@@ -157,8 +171,7 @@ def _extract_features(args) -> None:
         cache=_cache(args),
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
-        device_map=device_map,
-        dtype=args.dtype,
+        **_placement(args),
         **_columns(args),
     )
     if PartialState().is_main_process:
@@ -190,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--output", required=True, help="folder for config.json, gate.safetensors, README.md")
     calibrate.add_argument("--eval-split", help="also evaluate on this split of the dataset")
     calibrate.add_argument("--push-to-hub", metavar="REPO", help="push the gate to this Hub repo")
+    _add_placement_arguments(calibrate, default_device="the CPU")
     calibrate.set_defaults(run=_calibrate)
 
     evaluate = commands.add_parser("evaluate", help="compare the gate with every backbone and the baselines")
@@ -218,11 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbones_argument(extract)
     _add_data_arguments(extract, default_split="train")
     extract.add_argument("--chunk-size", type=int, default=1024, help="images embedded and saved at a time")
-    extract.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="backbone precision")
-    extract.add_argument(
-        "--device-map",
-        help="where this process puts the backbones (default: its own device): auto, balanced, sequential, cpu, 0, ...",
-    )
+    _add_placement_arguments(extract, default_device="each process's own device")
     extract.set_defaults(run=_extract_features)
 
     configs = commands.add_parser("configs", help="list the curated backbone sets, or show one")

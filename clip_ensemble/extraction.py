@@ -72,8 +72,8 @@ def extract_features(
     cache: FeatureCache | None = None,
     batch_size: int = 32,
     chunk_size: int = 1024,
-    device_map=None,
-    dtype=None,
+    device_map: str | int | torch.device | dict | None = None,
+    dtype: torch.dtype | str | None = None,
     progress: bool = True,
     **columns,
 ) -> ExtractionReport:

@@ -24,18 +24,18 @@ WEIGHTS_NAME = "open_clip_model.safetensors"
 _SNAPSHOT_FILES = [CONFIG_NAME, WEIGHTS_NAME, "*token*", "vocab*", "merges.txt", "*.model"]
 # transformers' `dtype` keyword as OpenCLIP's `precision`: the whole model in that dtype, as transformers does.
 _PRECISIONS = {torch.float32: "fp32", torch.float16: "pure_fp16", torch.bfloat16: "pure_bf16"}
-_FLOAT_TYPES = {"F64", "F32", "F16", "BF16"}
-_SAFETENSORS_ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
+# Tensor types in safetensors headers.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
@@ -149,10 +149,10 @@ class OpenCLIPBackbone(Backbone):
         with safe_open(folder / WEIGHTS_NAME, framework="pt") as weights:
             for name in weights.keys():  # noqa: SIM118
                 tensor = weights.get_slice(name)
-                numel = math.prod(tensor.get_shape())
+                stored = _SAFETENSORS_DTYPES[tensor.get_dtype()]
                 # Floating weights are cast to `dtype` on load; integer buffers keep their type.
-                stored = _SAFETENSORS_ITEMSIZE[tensor.get_dtype()]
-                total += numel * (dtype.itemsize if tensor.get_dtype() in _FLOAT_TYPES else stored)
+                itemsize = dtype.itemsize if stored.is_floating_point else stored.itemsize
+                total += math.prod(tensor.get_shape()) * itemsize
         return total
 
     @property

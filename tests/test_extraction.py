@@ -74,3 +74,15 @@ def test_a_cache_the_processes_do_not_share_is_reported(backbone_dirs, tmp_path)
         extract_features(backbone_dirs[:1], data, cache=FeatureCache(None))
     with pytest.raises(ValueError, match="chunk_size=0"):
         extract_features(backbone_dirs[:1], data, cache=FeatureCache(tmp_path), chunk_size=0)
+
+
+def test_cli_calibrate_reads_bfloat16_features_extracted_before(backbone_dirs, image_folder, tmp_path, capsys):
+    from clip_ensemble.cli import main
+
+    common = ["--backbones", *backbone_dirs[:2], "--dataset", str(image_folder), "--cache-dir", str(tmp_path)]
+    common += ["--dtype", "bfloat16"]
+    assert main(["extract-features", *common]) == 0
+    assert "embedded per process: 12 in" in capsys.readouterr().out
+    # Cached per dtype: calibrating in bfloat16 on the CPU reads them all.
+    assert main(["calibrate", *common, "--device-map", "cpu", "--shots", "2", "--output", str(tmp_path / "g")]) == 0
+    assert "(0 images embedded)" in capsys.readouterr().out
