@@ -20,7 +20,7 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProce
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate
 from clip_ensemble.backbones import TransformersBackbone
-from clip_ensemble.toy import TOY_CLASSES, tiny_tokenizer, toy_dataset
+from clip_ensemble.tasks import TOY_CLASSES, tiny_tokenizer, toy_dataset
 
 ARCHITECTURES = {"ViT-B/32 (random weights)": 32, "ViT-B/16 (random weights)": 16}
 

@@ -26,7 +26,7 @@ from realistic_clips import vit_clip
 from tables import save_result
 
 from clip_ensemble import CLIPEnsembleModel, TransformersBackbone
-from clip_ensemble.toy import TOY_CLASSES, toy_dataset
+from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 ARCHITECTURES = {"ViT-B/32": 32, "ViT-B/16": 16}
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from realistic_clips import save_vit_clip
 from tables import save_result
 
-from clip_ensemble.toy import TOY_CLASSES, toy_dataset
+from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 
 def run(processes: int, threads: int, backbone: str, images: Path, cache: Path, batch_size: int) -> tuple:

@@ -48,7 +48,7 @@ def child(device_map: str, folders: list[str]) -> None:
     from accelerate.utils import compute_module_sizes
 
     from clip_ensemble import CLIPEnsembleModel
-    from clip_ensemble.toy import TOY_CLASSES, save_tiny_clip
+    from clip_ensemble.tasks import TOY_CLASSES, save_tiny_clip
 
     device_map = None if device_map == "none" else device_map
     with tempfile.TemporaryDirectory() as tiny:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
-from clip_ensemble.toy import tiny_tokenizer
+from clip_ensemble.tasks import tiny_tokenizer
 
 
 def vit_clip(patch_size: int = 32, seed: int = 0) -> tuple[CLIPModel, CLIPProcessor]:

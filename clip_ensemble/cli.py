@@ -143,7 +143,7 @@ def _demo(args) -> None:
     from .evaluation import evaluate
     from .features import FeatureCache
     from .modeling_clip_ensemble import CLIPEnsembleModel
-    from .toy import TOY_CLASSES, toy_backbones, toy_dataset
+    from .tasks import TOY_CLASSES, toy_backbones, toy_dataset
 
     root = Path(args.workdir or Path(constants.HF_HOME) / "clip_ensemble" / "toy-backbones")
     print(f"Training three toy CLIP backbones in {root} (once, a few seconds each)...")

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from huggingface_hub import constants  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from clip_ensemble.toy import save_tiny_clip  # noqa: E402
+from clip_ensemble.tasks import save_tiny_clip  # noqa: E402
 
 # Three backbones with different embedding widths and image sizes, like a real mixed ensemble.
 TINY_BACKBONES = {
@@ -52,7 +52,7 @@ def put_in_hub_cache(folder: str | Path, repo_id: str) -> str:
 @pytest.fixture(scope="session")
 def toy_backbone_dirs(tmp_path_factory) -> list[str]:
     """Three tiny CLIPs trained here in seconds, each confidently wrong on a different pair of classes."""
-    from clip_ensemble.toy import toy_backbones
+    from clip_ensemble.tasks import toy_backbones
 
     return toy_backbones(tmp_path_factory.mktemp("toy-backbones"))
 
@@ -60,7 +60,7 @@ def toy_backbone_dirs(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="session")
 def toy_uploads(tmp_path_factory) -> dict[str, list[str]]:
     """Three toy images per class saved as PNG files, as a browser uploads them: class name -> file paths."""
-    from clip_ensemble.toy import TOY_CLASSES, toy_dataset
+    from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
     root = tmp_path_factory.mktemp("uploads")
     data = toy_dataset(per_class=3, seed=11)

@@ -22,7 +22,7 @@ from gradio_client.exceptions import AppError
 from app import main
 from clip_ensemble import CLIPEnsembleModel
 from clip_ensemble.app_logic import GATE_FOLDER, MAX_UPLOAD_LABELS
-from clip_ensemble.toy import TOY_CLASSES
+from clip_ensemble.tasks import TOY_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ", ".join(TOY_CLASSES)

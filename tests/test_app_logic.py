@@ -12,7 +12,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, app_logic
 from clip_ensemble.app_logic import GATE_FOLDER, SessionGate, SharedEnsemble, check_dataset_id, parse_labels
-from clip_ensemble.toy import TOY_CLASSES, toy_dataset
+from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 LABELS = ", ".join(TOY_CLASSES)
 

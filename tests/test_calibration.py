@@ -9,7 +9,7 @@ import torch
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate, evaluate
 from clip_ensemble.backbones import TransformersBackbone
 from clip_ensemble.evaluation import ORACLE
-from clip_ensemble.toy import TOY_CLASSES, toy_dataset
+from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 
 @pytest.fixture(scope="module")

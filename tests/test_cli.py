@@ -4,7 +4,7 @@ import pytest
 
 from clip_ensemble import CLIPEnsembleModel
 from clip_ensemble.cli import main
-from clip_ensemble.toy import TOY_CLASSES, toy_dataset
+from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 
 @pytest.fixture(scope="module")

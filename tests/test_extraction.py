@@ -12,7 +12,7 @@ from clip_ensemble.backbones import TransformersBackbone
 from clip_ensemble.data import from_image_folder
 from clip_ensemble.extraction import extract_features
 from clip_ensemble.features import image_fingerprint
-from clip_ensemble.toy import TOY_CLASSES, toy_dataset
+from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from clip_ensemble import (
     calibrate,
     load_backbone,
 )
-from clip_ensemble.toy import save_tiny_open_clip_resnet, toy_dataset
+from clip_ensemble.tasks import save_tiny_open_clip_resnet, toy_dataset
 
 LABELS = ["cat", "dog", "bird", "fish"]
 

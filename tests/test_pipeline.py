@@ -8,7 +8,7 @@ from transformers import pipeline
 
 from clip_ensemble import CLIPEnsembleModel, CLIPEnsemblePipeline, FeatureCache, calibrate, evaluate
 from clip_ensemble.evaluate_modules import CLIPEnsembleEvaluator, MeanPerClassRecall, TopKAccuracy
-from clip_ensemble.toy import TOY_CLASSES, toy_dataset
+from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 
 @pytest.fixture(scope="module")

@@ -247,7 +247,7 @@ def test_from_pretrained_places_the_backbones(backbone_dirs, reference, images, 
 def test_open_clip_backbone_offloads_whole(backbone_dirs, images, tmp_path):
     """OpenCLIP's text tower reads weights outside its submodules' forward: the whole-model hook brings them too."""
     pytest.importorskip("open_clip")
-    from clip_ensemble.toy import save_tiny_open_clip_resnet
+    from clip_ensemble.tasks import save_tiny_open_clip_resnet
 
     resnet = f"local-dir:{save_tiny_open_clip_resnet(tmp_path / 'resnet')}"
     plain = CLIPEnsembleModel.from_backbones([backbone_dirs[0], resnet], labels=LABELS).eval()

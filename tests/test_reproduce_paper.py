@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from clip_ensemble import FeatureCache
-from clip_ensemble.toy import TOY_CLASSES, toy_dataset
+from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 _SCRIPT = Path(__file__).parent.parent / "benchmarks" / "reproduce_paper.py"
 _spec = importlib.util.spec_from_file_location("reproduce_paper", _SCRIPT)
