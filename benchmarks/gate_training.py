@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clip_ensemble.calibration import _split_validation, fit_gate
+from clip_ensemble.fitting import cross_validation_folds, fit_gate
 from clip_ensemble.gate import EnsembleGate, combine_logits
 
 WIDTHS = (
@@ -64,7 +64,8 @@ def main() -> None:
     started = time.perf_counter()
     gate_inputs, per_backbone_logits, labels = synthetic_features(args.classes, args.shots)
     setup_seconds = time.perf_counter() - started
-    train_index, val_index = _split_validation(labels.tolist(), args.shots, seed=0)
+    val_index = cross_validation_folds(labels, num_folds=4, seed=0)[0]
+    train_index = sorted(set(range(len(labels))) - set(val_index))
     features = (gate_inputs, per_backbone_logits, labels)
     train, val = (tuple(t[index] for t in features) for index in (train_index, val_index))
     gate = EnsembleGate(list(WIDTHS))

@@ -1,127 +1,77 @@
-"""Few-shot calibration: train the gate on cached backbone features, backbones frozen."""
+"""Few-shot calibration: fit the gate on cached backbone features, backbones frozen, choosing by cross-validation."""
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
-from torch import nn
 
 from .data import LabelledImages, load_labelled_data, sample_few_shot
 from .features import FeatureCache
+from .fitting import BEST_BACKBONE, GATE, MEAN_OF_LOGITS, Features, fit_calibrated_gate
 from .gate import combine_logits
 from .modeling_clip_ensemble import CLIPEnsembleModel
 
 
 @dataclass
 class CalibrationReport:
-    """What a calibration did and how well the gate fits its few-shot data."""
+    """What a calibration chose and why: cross-validated top-1 of the gate, of plain averaging and of the best
+    backbone on the calibration images (mean and spread over folds), and how long it took."""
 
     dataset: str
     shots: int
     seed: int
-    num_train: int
-    num_val: int
-    steps: int
-    best_step: int
-    train_accuracy: float
-    val_accuracy: float | None
+    num_images: int
+    chosen: str  # "gate", "mean of logits" or "best backbone"
+    cv_accuracy: dict[str, float]  # candidate -> mean top-1 over the folds' held-out parts
+    cv_spread: dict[str, float]  # candidate -> standard deviation of that top-1 over folds
+    num_folds: int
+    settings: dict  # the gate's fitting settings chosen by cross-validation (empty unless the gate was chosen)
+    best_backbone: str  # the best single backbone on all calibration images
+    train_accuracy: float  # the final model on all calibration images (optimistic: it was fitted on them)
     backbone_accuracy: dict[str, float]  # each backbone alone on all calibration images
     mean_logits_accuracy: float
     feature_seconds: float
     gate_seconds: float
     images_embedded: int  # backbone forward passes over images (0 when all came from the cache)
-    train_losses: list[float] = field(default_factory=list, repr=False)
-    val_losses: list[float] = field(default_factory=list, repr=False)
+    support: LabelledImages | None = field(default=None, repr=False)  # the calibration images, for baselines
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {name: value for name, value in asdict(self).items() if name != "support"}
+
+    def verdict(self) -> str:
+        """One sentence: what calibration kept, and the cross-validated evidence for it."""
+        acc = {
+            name: f"{100 * value:.1f}% ± {100 * self.cv_spread[name]:.1f}" for name, value in self.cv_accuracy.items()
+        }
+        evidence = (
+            f"gate {acc[GATE]}, plain averaging {acc[MEAN_OF_LOGITS]}, best backbone ({self.best_backbone}) "
+            f"{acc[BEST_BACKBONE]}"
+        )
+        reason = {
+            GATE: "the trained gate beat plain averaging and the best backbone",
+            MEAN_OF_LOGITS: "the trained gate did not beat plain averaging, so the model keeps equal weights",
+            BEST_BACKBONE: f"one backbone alone beat the gate and averaging, so every image goes to {self.best_backbone}",
+        }[self.chosen]
+        return (
+            f"Chose {self.chosen}: {reason} in {self.num_folds}-fold cross-validation on the calibration images "
+            f"(top-1, mean ± spread over folds: {evidence})."
+        )
 
     def __str__(self) -> str:
-        val = "-" if self.val_accuracy is None else f"{100 * self.val_accuracy:.1f}%"
+        settings = ", ".join(f"{key} {value}" for key, value in self.settings.items())
         lines = [
-            f"Calibrated on {self.dataset}: {self.shots} shots per class, seed {self.seed}",
-            f"  images: {self.num_train} train, {self.num_val} held out for early stopping",
-            f"  gate: best step {self.best_step} of {self.steps}, train accuracy {100 * self.train_accuracy:.1f}%, "
-            f"held-out accuracy {val}",
-            f"  mean of logits: {100 * self.mean_logits_accuracy:.1f}% on the calibration images",
+            f"Calibrated on {self.dataset}: {self.shots} shots per class, seed {self.seed}, {self.num_images} images",
+            f"  {self.verdict()}",
+            *([f"  gate settings chosen by cross-validation: {settings}"] if settings else []),
+            f"  on all calibration images: final model {100 * self.train_accuracy:.1f}% (fitted on them), mean of "
+            f"logits {100 * self.mean_logits_accuracy:.1f}%",
             *(f"  {name}: {100 * acc:.1f}%" for name, acc in self.backbone_accuracy.items()),
             f"  time: {self.feature_seconds:.1f} s features ({self.images_embedded} images embedded), "
-            f"{self.gate_seconds:.1f} s gate training",
+            f"{self.gate_seconds:.1f} s fitting",
         ]
         return "\n".join(lines)
-
-
-def _split_validation(labels: list[int], shots: int, seed: int) -> tuple[list[int], list[int]]:
-    """Hold out a quarter of each class's shots (at least 1) when there are 4 or more; else no held-out part."""
-    if shots < 4:
-        return list(range(len(labels))), []
-    held_out_per_class = max(1, shots // 4)
-    rng = np.random.default_rng(seed + 1)
-    val = []
-    for c in sorted(set(labels)):
-        members = [i for i, label in enumerate(labels) if label == c]
-        val += rng.permutation(members)[:held_out_per_class].tolist()
-    val_set = set(val)
-    return [i for i in range(len(labels)) if i not in val_set], sorted(val)
-
-
-Features = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate inputs (n, sum d_b), logits (n, B, C), labels (n,)
-
-
-def _loss(gate: nn.Module, features: Features) -> torch.Tensor:
-    gate_inputs, per_backbone_logits, labels = features
-    return nn.functional.cross_entropy(combine_logits(per_backbone_logits, gate(gate_inputs)), labels)
-
-
-def fit_gate(
-    gate: nn.Module,
-    train: Features,
-    val: Features | None = None,
-    *,
-    steps: int = 300,
-    lr: float = 3e-3,
-    weight_decay: float = 0.01,
-    batch_size: int = 512,
-    eval_every: int = 5,
-    patience: int = 50,
-    seed: int = 0,
-) -> tuple[int, list[float], list[float]]:
-    """AdamW on cross-entropy of the combined logits, from the averaging initialisation.
-
-    `train` and `val` are cached tensors: no backbone runs. With `val`, it is scored every `eval_every` steps,
-    training stops after `patience` steps without improvement, and the best state is kept.
-    Returns (best step, train losses per step, held-out losses per evaluation).
-    """
-    torch.manual_seed(seed)
-    gate.reset_parameters()
-    gate.train()
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
-    n = len(train[2])
-    train_losses, val_losses = [], []
-    best_step, best_val, best_state = steps, float("inf"), None
-    for step in range(1, steps + 1):
-        batch = torch.randperm(n, generator=generator)[:batch_size] if n > batch_size else slice(None)
-        loss = _loss(gate, tuple(t[batch] for t in train))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        train_losses.append(loss.item())
-        if val is not None and (step % eval_every == 0 or step == steps):
-            with torch.no_grad():
-                val_losses.append(_loss(gate, val).item())
-            if val_losses[-1] < best_val:
-                best_step, best_val, best_state = step, val_losses[-1], copy.deepcopy(gate.state_dict())
-            elif step - best_step >= patience:
-                break
-    if best_state is not None:
-        gate.load_state_dict(best_state)
-    gate.eval()
-    return best_step, train_losses, val_losses
 
 
 def calibrate(
@@ -131,15 +81,14 @@ def calibrate(
     seed: int = 0,
     *,
     split: str = "train",
-    steps: int = 300,
-    lr: float = 3e-3,
-    weight_decay: float = 0.01,
     cache: FeatureCache | None = None,
     batch_size: int = 32,
     progress: bool = True,
 ) -> CalibrationReport:
-    """Train `model`'s gate on `shots` labelled images per class of `data`; the backbones stay frozen.
+    """Fit `model`'s gate on `shots` labelled images per class of `data`; the backbones stay frozen.
 
+    Cross-validation on those images chooses between the trained gate, plain logit averaging (the gate's starting
+    point) and the best single backbone, and the gate's fitting settings; the report says what was chosen and why.
     `data` is a `LabelledImages`, an image folder, a `datasets.Dataset` or a Hub dataset id (`split` is used for
     the last two). The model takes the data's label names. Image embeddings come from `cache` (by default the
     on-disk cache), so a second calibration on the same images runs no backbone. Deterministic for a seed.
@@ -156,58 +105,51 @@ def calibrate(
 
     started = time.perf_counter()
     device = model.gate.fc1.weight.device
-    embeds = [e.to(device) for e in embeds]
-    labels = torch.tensor(support.labels, device=device)
+    embeds = [e.to(device, torch.float32) for e in embeds]
     with torch.no_grad():
-        per_backbone_logits = model.zero_shot_logits(embeds)  # (n, B, C), fixed during training
-    gate_inputs = torch.cat(embeds, dim=-1)  # (n, sum d_b)
-    train_index, val_index = _split_validation(support.labels, shots, seed)
-    features = (gate_inputs, per_backbone_logits, labels)
-    best_step, train_losses, val_losses = fit_gate(
-        model.gate,
-        tuple(t[train_index] for t in features),
-        tuple(t[val_index] for t in features) if val_index else None,
-        steps=steps,
-        lr=lr,
-        weight_decay=weight_decay,
-        seed=seed,
-    )
+        per_backbone_logits = model.zero_shot_logits(embeds)  # (n, B, C), fixed while fitting
+    labels = torch.tensor(support.labels, device=device)
+    features = Features(torch.cat(embeds, dim=-1), per_backbone_logits, labels)
+    choice = fit_calibrated_gate(model.gate, features, seed=seed)
     gate_seconds = time.perf_counter() - started
 
     with torch.no_grad():
-        correct = combine_logits(per_backbone_logits, model.gate(gate_inputs)).argmax(-1) == labels
-        backbone_correct = per_backbone_logits.argmax(-1) == labels[:, None]  # (n, B)
-        mean_correct = per_backbone_logits.mean(1).argmax(-1) == labels
+        final = combine_logits(per_backbone_logits, model.gate(features.gate_inputs))
     names = model.config.backbone_names
+    backbone_accuracy = (per_backbone_logits.argmax(-1) == labels[:, None]).float().mean(0).tolist()
     report = CalibrationReport(
         dataset=data.name,
         shots=shots,
         seed=seed,
-        num_train=len(train_index),
-        num_val=len(val_index),
-        steps=len(train_losses),
-        best_step=best_step,
-        train_accuracy=float(correct[train_index].float().mean()),
-        val_accuracy=float(correct[val_index].float().mean()) if val_index else None,
-        backbone_accuracy=dict(zip(names, backbone_correct.float().mean(0).tolist())),
-        mean_logits_accuracy=float(mean_correct.float().mean()),
+        num_images=len(support),
+        chosen=choice.chosen,
+        cv_accuracy=choice.cv_accuracy,
+        cv_spread=choice.cv_spread,
+        num_folds=choice.num_folds,
+        settings=choice.settings,
+        best_backbone=names[choice.best_backbone],
+        train_accuracy=float((final.argmax(-1) == labels).float().mean()),
+        backbone_accuracy=dict(zip(names, backbone_accuracy)),
+        mean_logits_accuracy=float((per_backbone_logits.mean(1).argmax(-1) == labels).float().mean()),
         feature_seconds=feature_seconds,
         gate_seconds=gate_seconds,
         images_embedded=max(cache.last_computed, default=0),
-        train_losses=train_losses,
-        val_losses=val_losses,
+        support=support,
     )
     model.config.calibration = {
         "dataset": report.dataset,
         "shots": shots,
         "seed": seed,
         "images": len(support),
-        "train_accuracy": round(report.train_accuracy, 4),
-        "held_out_accuracy": None if report.val_accuracy is None else round(report.val_accuracy, 4),
-        "best_single_backbone": names[int(backbone_correct.float().mean(0).argmax())],
+        "chosen": report.chosen,
+        "cross_validated_accuracy": {name: round(acc, 4) for name, acc in report.cv_accuracy.items()},
+        "cross_validated_spread": {name: round(acc, 4) for name, acc in report.cv_spread.items()},
+        "folds": report.num_folds,
+        "settings": report.settings,
+        "best_single_backbone": report.best_backbone,
         "backbone_accuracy": {name: round(acc, 4) for name, acc in report.backbone_accuracy.items()},
     }
     return report
 
 
-__all__ = ["CalibrationReport", "calibrate", "fit_gate"]
+__all__ = ["CalibrationReport", "calibrate"]
