@@ -1,0 +1,75 @@
+"""The fitting procedure on cached features: folds, and the choice between the gate, averaging and one backbone."""
+
+import pytest
+import torch
+
+from clip_ensemble.fitting import (
+    BEST_BACKBONE,
+    GATE,
+    MEAN_OF_LOGITS,
+    Features,
+    cross_validation_folds,
+    fit_calibrated_gate,
+)
+from clip_ensemble.gate import EnsembleGate, combine_logits
+
+
+def _features(per_backbone_accuracy: list[float], num_classes: int = 6, shots: int = 4, seed: int = 0) -> Features:
+    """Backbones that are confidently right on a random share of the images and confidently wrong elsewhere."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(shots)
+    embeds, logits = [], []
+    for accuracy in per_backbone_accuracy:
+        right = torch.rand(len(labels), generator=generator) < accuracy
+        predicted = torch.where(right, labels, (labels + 1 + torch.randint(num_classes - 1, labels.shape)) % num_classes)
+        logits.append(10 * torch.nn.functional.one_hot(predicted, num_classes).float())
+        embeds.append(torch.nn.functional.normalize(torch.randn(len(labels), 8, generator=generator), dim=-1))
+    return Features(torch.cat(embeds, -1), torch.stack(logits, 1), labels)
+
+
+@pytest.mark.parametrize("shots", [1, 2, 3, 16])
+def test_folds_cover_every_example_once_and_are_balanced(shots):
+    labels = torch.arange(10).repeat_interleave(shots)
+    folds = cross_validation_folds(labels, num_folds=5, seed=3)
+    assert sorted(i for fold in folds for i in fold) == list(range(len(labels)))
+    sizes = [len(fold) for fold in folds]
+    assert max(sizes) - min(sizes) <= 1
+    for fold in folds:  # a class's shots are spread over folds: at 2+ shots, each held-out class is also trained on
+        held_out = labels[fold].tolist()
+        assert max(held_out.count(c) for c in set(held_out)) <= -(-shots // 5)
+    assert folds == cross_validation_folds(labels, num_folds=5, seed=3)
+
+
+def test_folds_need_two_examples():
+    with pytest.raises(ValueError, match="at least 2 labelled examples"):
+        cross_validation_folds([0], num_folds=5)
+
+
+def test_identical_backbones_keep_plain_averaging():
+    features = _features([0.7])
+    features = Features(features.gate_inputs.repeat(1, 3), features.logits.repeat(1, 3, 1), features.labels)
+    gate = EnsembleGate([8, 8, 8])
+    choice = fit_calibrated_gate(gate, features, seed=0)
+    assert choice.chosen == MEAN_OF_LOGITS and choice.settings == {}
+    assert torch.allclose(gate(features.gate_inputs), torch.full((24, 3), 1 / 3))
+
+
+def test_one_good_backbone_among_bad_ones_is_kept_alone_or_gated_to():
+    features = _features([0.95, 0.2, 0.2], shots=8)
+    gate = EnsembleGate([8, 8, 8])
+    choice = fit_calibrated_gate(gate, features, seed=0)
+    assert choice.chosen in (BEST_BACKBONE, GATE) and choice.best_backbone == 0
+    with torch.no_grad():
+        combined = combine_logits(features.logits, gate(features.gate_inputs))
+    assert (combined.argmax(-1) == features.logits[:, 0].argmax(-1)).float().mean() > 0.9
+
+
+def test_choice_reports_cross_validated_accuracy_and_is_deterministic():
+    features = _features([0.6, 0.6, 0.6], shots=2)
+    first, second = EnsembleGate([8, 8, 8]), EnsembleGate([8, 8, 8])
+    choice = fit_calibrated_gate(first, features, seed=1)
+    assert choice == fit_calibrated_gate(second, features, seed=1)
+    for name, tensor in first.state_dict().items():
+        torch.testing.assert_close(tensor, second.state_dict()[name], rtol=0, atol=0)
+    assert set(choice.cv_accuracy) == set(choice.cv_spread) == {GATE, MEAN_OF_LOGITS, BEST_BACKBONE}
+    assert choice.num_folds == 5 and all(0 <= value <= 1 for value in choice.cv_accuracy.values())
