@@ -15,41 +15,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from clip_ensemble.fitting import cross_validation_folds, fit_gate
 from clip_ensemble.gate import EnsembleGate, combine_logits
-
-WIDTHS = (
-    1024,
-    512,
-    640,
-    768,
-    1024,
-    512,
-    512,
-    768,
-    768,
-)  # RN50, RN101, RN50x4, RN50x16, RN50x64, B/32, B/16, L/14, L/14@336
-
-
-def synthetic_features(num_classes: int, shots: int, seed: int = 0):
-    """Per backbone: class prototypes, image embeddings scattered around them, and zero-shot heads that are
-    right for some classes and confused for the others (the head of class c points at another class's images),
-    a different set per backbone, as real CLIPs disagree."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(num_classes).repeat_interleave(shots)
-    embeds, logits = [], []
-    for width in WIDTHS:
-        prototypes = nn.functional.normalize(torch.randn(num_classes, width, generator=generator), dim=-1)
-        confused = torch.rand(num_classes, generator=generator) < 0.6
-        targets = torch.where(confused, torch.randperm(num_classes, generator=generator), torch.arange(num_classes))
-        heads = prototypes[targets]  # (C, width)
-        scatter = 3.0 * torch.randn(len(labels), width, generator=generator) / width**0.5
-        image = nn.functional.normalize(prototypes[labels] + scatter, dim=-1)
-        embeds.append(image)
-        logits.append(100.0 * image @ heads.T)
-    return torch.cat(embeds, dim=-1), torch.stack(logits, dim=1), labels
+from clip_ensemble.tasks.synthetic import WIDTHS, synthetic_features
 
 
 def main() -> None:

@@ -136,24 +136,31 @@ def _predict(args) -> None:
 
 
 def _demo(args) -> None:
-    """Offline: train three toy CLIPs that disagree, calibrate a gate on a few shots, compare on held-out data."""
+    """Offline: train three tiny CLIPs on handwritten digits, each imperfect in its own way, calibrate a gate on a
+    few shots per class, compare on held-out digits."""
     from huggingface_hub import constants
 
     from .calibration import calibrate
     from .evaluation import evaluate
     from .features import FeatureCache
     from .modeling_clip_ensemble import CLIPEnsembleModel
-    from .tasks import TOY_CLASSES, toy_backbones, toy_dataset
+    from .tasks import DIGIT_CLASSES, digits_backbones, digits_backbones_ready, digits_dataset
 
-    root = Path(args.workdir or Path(constants.HF_HOME) / "clip_ensemble" / "toy-backbones")
-    print(f"Training three toy CLIP backbones in {root} (once, a few seconds each)...")
-    folders = toy_backbones(root)
-    model = CLIPEnsembleModel.from_backbones(folders, labels=list(TOY_CLASSES))
+    root = Path(args.workdir or Path(constants.HF_HOME) / "clip_ensemble" / "digits-backbones")
+    pool, test = digits_dataset("pool"), digits_dataset("test")  # scikit-learn's digits; no download
+    if digits_backbones_ready(root):
+        print(f"Using the cached digit backbones in {root}")
+    else:
+        print(f"Training three tiny CLIP backbones on {len(pool)} handwritten digits in {root} (once, seconds)...")
+    folders = digits_backbones(root)
+    model = CLIPEnsembleModel.from_backbones(folders, labels=list(DIGIT_CLASSES))
     cache = FeatureCache(None)
-    test = toy_dataset(per_class=50, seed=7)
-    print(f"\nBefore calibration (the gate is plain logit averaging):\n{evaluate(model, test, cache=cache).table()}\n")
-    report = calibrate(model, toy_dataset(per_class=16, seed=3), shots=args.shots, seed=0, cache=cache)
-    print(f"{report}\n\nAfter calibration, on held-out images:\n{evaluate(model, test, cache=cache).table()}")
+    print(f"\nBefore calibration (the gate is plain logit averaging), on {len(test)} held-out digits:")
+    print(f"{evaluate(model, test, cache=cache).table()}\n")
+    report = calibrate(model, pool, shots=args.shots, seed=0, cache=cache)
+    print(
+        f"{report}\n\nAfter calibration, on the {len(test)} held-out digits:\n{evaluate(model, test, cache=cache).table()}"
+    )
     model.save_pretrained(args.output)
     print(f"\nSaved the calibrated gate to {args.output}; load it with CLIPEnsembleModel.from_pretrained.")
 

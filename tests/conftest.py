@@ -70,3 +70,22 @@ def toy_uploads(tmp_path_factory) -> dict[str, list[str]]:
         image.save(path)
         files[TOY_CLASSES[label]].append(str(path))
     return files
+
+
+@pytest.fixture(scope="session")
+def digits_backbone_dirs(tmp_path_factory) -> list[str]:
+    """The three digit specialists (sharp, blurry, partial), trained here in seconds on scikit-learn's digits."""
+    from clip_ensemble.tasks import digits_backbones
+
+    return digits_backbones(tmp_path_factory.mktemp("digits-backbones"))
+
+
+@pytest.fixture(scope="session")
+def digits_task(digits_backbone_dirs):
+    """The digits task as features: the specialists' embeddings of the pool and the test split, their heads."""
+    from clip_ensemble import CLIPEnsembleModel
+    from clip_ensemble.features import FeatureCache
+    from clip_ensemble.tasks import DIGIT_CLASSES, digits_dataset, feature_task
+
+    model = CLIPEnsembleModel.from_backbones(digits_backbone_dirs, labels=list(DIGIT_CLASSES))
+    return feature_task("digits", model, digits_dataset("pool"), digits_dataset("test"), FeatureCache(None))

@@ -96,3 +96,16 @@ def test_calibrate_pushes_to_the_hub(toy_backbone_dirs, image_folder, tmp_path, 
         )
     assert code == 0 and sorted(pushed) == ["README.md", "config.json", "gate.safetensors"]
     assert "Pushed to https://huggingface.co/me/toy-gate/commit/1" in capsys.readouterr().out
+
+
+def test_demo_runs_offline_on_the_digits_task(digits_backbone_dirs, tmp_path, capsys):
+    workdir = digits_backbone_dirs[0].rsplit("/", 1)[0]  # trained by the fixture: the demo reuses them
+    output = tmp_path / "demo-gate"
+    assert main(["demo", "--shots", "2", "--output", str(output), "--workdir", workdir]) == 0
+    out = capsys.readouterr().out
+    assert f"Using the cached digit backbones in {workdir}" in out and "Training" not in out
+    assert "Before calibration" in out and "After calibration, on the 599 held-out digits" in out
+    assert out.count("| oracle") == 2  # the evaluate table, before and after
+    assert CLIPEnsembleModel.from_pretrained(output).labels == [
+        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"
+    ]  # fmt: skip

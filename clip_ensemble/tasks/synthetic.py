@@ -1,0 +1,127 @@
+"""Tasks as cached features: synthetic ones at paper scale, and any image task embedded by a loaded ensemble,
+in one form (`FeatureTask`) so that a benchmark treats them the same way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..data import LabelledImages
+from ..features import FeatureCache
+from ..modeling_clip_ensemble import CLIPEnsembleModel
+
+# The embedding widths of the paper's nine OpenAI CLIPs, in this order.
+PAPER_BACKBONES = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336")
+WIDTHS = (1024, 512, 640, 768, 1024, 512, 512, 768, 768)
+
+
+@dataclass
+class FeatureTask:
+    """A classification task as frozen backbone features: per backbone b, normalised image embeddings
+    (N, d_b) of a training pool (to draw k-shot calibration sets from) and of a held-out test set, the
+    zero-shot head W_b (C, d_b) and logit scale s_b; per-backbone logits are s_b * e_b @ W_b.T."""
+
+    name: str
+    backbone_names: list[str]
+    label_names: list[str]
+    pool_embeds: list[torch.Tensor]  # per backbone: (N_pool, d_b)
+    pool_labels: torch.Tensor  # (N_pool,) int64
+    test_embeds: list[torch.Tensor]  # per backbone: (N_test, d_b)
+    test_labels: torch.Tensor  # (N_test,) int64
+    heads: list[torch.Tensor]  # per backbone: (C, d_b)
+    logit_scales: list[float]
+
+    def logits(self, embeds: list[torch.Tensor]) -> torch.Tensor:
+        """Per-backbone embeddings -> (N, num_backbones, C) zero-shot logits."""
+        return torch.stack([s * e @ w.T for s, e, w in zip(self.logit_scales, embeds, self.heads)], dim=1)
+
+
+def _synthetic_backbone(generator: torch.Generator, num_classes: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One backbone's world: class prototypes (C, width), and a zero-shot head (C, width) that is right for some
+    classes and confused for the others (the head of class c points at another class's images)."""
+    prototypes = nn.functional.normalize(torch.randn(num_classes, width, generator=generator), dim=-1)
+    confused = torch.rand(num_classes, generator=generator) < 0.6
+    targets = torch.where(confused, torch.randperm(num_classes, generator=generator), torch.arange(num_classes))
+    return prototypes, prototypes[targets]
+
+
+def _synthetic_images(generator: torch.Generator, prototypes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Normalised image embeddings (N, width) scattered around the prototypes of their labels."""
+    width = prototypes.shape[1]
+    scatter = 3.0 * torch.randn(len(labels), width, generator=generator) / width**0.5
+    return nn.functional.normalize(prototypes[labels] + scatter, dim=-1)
+
+
+def synthetic_features(num_classes: int, shots: int, seed: int = 0):
+    """Gate inputs (N, sum d_b), per-backbone logits (N, 9, C) and labels (N,) of `shots` images per class,
+    with the paper's nine widths: per backbone, class prototypes, image embeddings scattered around them, and
+    zero-shot heads confused for a different set of classes per backbone, as real CLIPs disagree."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(shots)
+    embeds, logits = [], []
+    for width in WIDTHS:
+        prototypes, heads = _synthetic_backbone(generator, num_classes, width)
+        image = _synthetic_images(generator, prototypes, labels)
+        embeds.append(image)
+        logits.append(100.0 * image @ heads.T)
+    return torch.cat(embeds, dim=-1), torch.stack(logits, dim=1), labels
+
+
+def synthetic_task(
+    num_classes: int = 1000, pool_shots: int = 16, test_per_class: int = 10, seed: int = 0
+) -> FeatureTask:
+    """A synthetic task with the paper's nine backbone widths (see `synthetic_features`): a pool of
+    `pool_shots` and a test set of `test_per_class` images per class, drawn around the same prototypes and read
+    by the same heads (the "world" comes from `seed`; the pool's and test set's images from their own seeds)."""
+    if num_classes < 2 or pool_shots < 1 or test_per_class < 1:
+        raise ValueError(
+            f"num_classes={num_classes}, pool_shots={pool_shots}, test_per_class={test_per_class}: a task needs at "
+            "least 2 classes and 1 pool and 1 test image per class."
+        )
+    world = torch.Generator().manual_seed(seed)
+    backbones = [_synthetic_backbone(world, num_classes, width) for width in WIDTHS]
+    pool_labels = torch.arange(num_classes).repeat_interleave(pool_shots)
+    test_labels = torch.arange(num_classes).repeat_interleave(test_per_class)
+    pool_images = torch.Generator().manual_seed(seed + 1)
+    test_images = torch.Generator().manual_seed(seed + 2)
+    return FeatureTask(
+        name=f"synthetic-{num_classes} (seed {seed})",
+        backbone_names=[f"synthetic {name}" for name in PAPER_BACKBONES],
+        label_names=[f"class {c}" for c in range(num_classes)],
+        pool_embeds=[_synthetic_images(pool_images, prototypes, pool_labels) for prototypes, _ in backbones],
+        pool_labels=pool_labels,
+        test_embeds=[_synthetic_images(test_images, prototypes, test_labels) for prototypes, _ in backbones],
+        test_labels=test_labels,
+        heads=[heads for _, heads in backbones],
+        logit_scales=[100.0] * len(WIDTHS),
+    )
+
+
+def feature_task(
+    name: str, model: CLIPEnsembleModel, pool: LabelledImages, test: LabelledImages, cache: FeatureCache
+) -> FeatureTask:
+    """An image task as a `FeatureTask`: `model`'s backbones embed `pool` and `test` (through `cache`), with the
+    model's zero-shot heads for the task's labels and its logit scales."""
+    if pool.label_names != test.label_names:
+        raise ValueError(
+            f"{name}: the pool's labels {pool.label_names[:5]}... differ from the test set's "
+            f"{test.label_names[:5]}...; give both splits the same label names in the same order."
+        )
+    if model.labels != pool.label_names:
+        model.set_labels(pool.label_names)
+    return FeatureTask(
+        name=name,
+        backbone_names=[entry["name_or_path"] for entry in model.config.backbones],
+        label_names=list(pool.label_names),
+        pool_embeds=cache.embed(model.backbones, pool.images, progress=False),
+        pool_labels=torch.tensor(pool.labels),
+        test_embeds=cache.embed(model.backbones, test.images, progress=False),
+        test_labels=torch.tensor(test.labels),
+        heads=[head.detach().cpu() for head in model.zero_shot_heads],
+        logit_scales=list(model.logit_scales),
+    )
+
+
+__all__ = ["PAPER_BACKBONES", "WIDTHS", "FeatureTask", "feature_task", "synthetic_features", "synthetic_task"]
