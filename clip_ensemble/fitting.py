@@ -52,66 +52,23 @@ def _loss(gate: nn.Module, features: Features) -> torch.Tensor:
     return nn.functional.cross_entropy(combine_logits(features.logits, gate(features.gate_inputs)), features.labels)
 
 
-def fit_gate(
-    gate: nn.Module,
-    train: Features,
-    val: Features | None = None,
-    *,
-    steps: int = 300,
-    lr: float = 3e-3,
-    weight_decay: float = 0.01,
-    batch_size: int = 512,
-    eval_every: int = 5,
-    patience: int = 50,
-    seed: int = 0,
-) -> tuple[int, list[float], list[float]]:
-    """AdamW on cross-entropy of the combined logits, from the averaging initialisation.
-
-    `train` and `val` are cached tensors: no backbone runs. With `val`, it is scored every `eval_every` steps,
-    training stops after `patience` steps without improvement, and the best state is kept.
-    Returns (best step, train losses per step, held-out losses per evaluation).
-    """
-    torch.manual_seed(seed)
-    gate.reset_parameters()
-    gate.train()
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
-    train, val = Features(*train), None if val is None else Features(*val)
-    n = len(train.labels)
-    train_losses, val_losses = [], []
-    best_step, best_val, best_state = steps, float("inf"), None
-    for step in range(1, steps + 1):
-        batch = torch.randperm(n, generator=generator)[:batch_size] if n > batch_size else slice(None)
-        loss = _loss(gate, train.subset(batch))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        train_losses.append(loss.item())
-        if val is not None and (step % eval_every == 0 or step == steps):
-            with torch.no_grad():
-                val_losses.append(_loss(gate, val).item())
-            if val_losses[-1] < best_val:
-                best_step, best_val, best_state = step, val_losses[-1], copy.deepcopy(gate.state_dict())
-            elif step - best_step >= patience:
-                break
-    if best_state is not None:
-        gate.load_state_dict(best_state)
-    gate.eval()
-    return best_step, train_losses, val_losses
-
-
 MEAN_OF_LOGITS = "mean of logits"
 BEST_BACKBONE = "best backbone"
 GATE = "gate"
 
 # The gate's fitting settings. The training length is chosen by cross-validation among STEP_CHOICES (AdamW from the
-# averaging initialisation: fewer steps stay closer to plain averaging); the learning rate and weight decay are fixed.
+# averaging initialisation: fewer steps stay closer to plain averaging); the learning rate, weight decay and batch
+# size are fixed.
 STEP_CHOICES = (10, 25, 50, 100, 200, 400, 800)
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.01
-# From this many calibration examples on, one held-out quarter replaces k-fold cross-validation: it is already a
-# precise estimate, and it keeps paper-scale calibration (16,000 examples) within seconds.
+BATCH_SIZE = 128
+# From this many calibration examples on, one held-out quarter replaces k-fold cross-validation, and the gate trained
+# on the other three quarters is kept as it is: the estimate is already precise, and paper-scale calibration (16,000
+# examples) stays within seconds.
 SINGLE_SPLIT_FROM = 2000
+# The training path stops when the held-out cross-entropy has risen at this many checkpoints in a row.
+PATIENCE = 2
 
 
 @dataclass
@@ -139,34 +96,24 @@ def set_best_backbone(gate: EnsembleGate, backbone: int) -> None:
         gate.fc2.bias[backbone] = math.log(math.e - 1) if gate.combination == "softplus" else 0.0
 
 
-def _train(
-    gate: EnsembleGate,
-    train: Features,
-    steps: int,
-    *,
-    seed: int,
-    on_step=None,
-    lr: float = LEARNING_RATE,
-    weight_decay: float = WEIGHT_DECAY,
-    batch_size: int = 512,
-) -> None:
-    """AdamW on cross-entropy of the combined logits for `steps` steps from the averaging initialisation;
-    `on_step(step)` is called after every step (the gate in eval mode)."""
+def _train(gate: EnsembleGate, train: Features, steps: int, *, seed: int, on_checkpoint=None) -> None:
+    """AdamW on cross-entropy of the combined logits, from the averaging initialisation, for `steps` steps or until
+    `on_checkpoint(step)` (called at each of `STEP_CHOICES`, gate in eval mode) returns True."""
     torch.manual_seed(seed)
     gate.reset_parameters()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(gate.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     n = len(train.labels)
     for step in range(1, steps + 1):
         gate.train()
-        batch = train.subset(torch.randperm(n, generator=generator)[:batch_size]) if n > batch_size else train
+        batch = train.subset(torch.randperm(n, generator=generator)[:BATCH_SIZE]) if n > BATCH_SIZE else train
         loss = _loss(gate, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         gate.eval()
-        if on_step is not None:
-            on_step(step)
+        if on_checkpoint is not None and step in STEP_CHOICES and on_checkpoint(step):
+            break
 
 
 def _beats(challenger: torch.Tensor, incumbent: torch.Tensor) -> bool:
@@ -182,53 +129,66 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     1. Plain logit averaging (the gate's starting point) is the default. The best single backbone on all the
        calibration examples replaces it when it is right more often by more than one standard error.
     2. The gate is trained on each fold's training part and scored on its held-out part at every training length in
-       `STEP_CHOICES`; the length with the lowest out-of-fold cross-entropy is chosen.
+       `STEP_CHOICES` (a fold's path stops once its held-out cross-entropy keeps rising); the length with the lowest
+       out-of-fold cross-entropy is chosen.
     3. The gate, refitted on all examples for that length, is kept only when its out-of-fold predictions beat the
-       choice of step 1 by more than one standard error; otherwise the gate is set to that choice.
+       choice of step 1 by more than one standard error; otherwise the gate is set to that choice. From
+       `SINGLE_SPLIT_FROM` examples on, one held-out quarter is scored and the gate trained on the rest is kept.
     At 1 shot a held-out example's class is missing from its fold's training part, so the gate's estimate is
     pessimistic there: the gate is then kept only when it helps on classes it has not seen.
     """
     features = Features(*features)
     labels = features.labels
     n = len(labels)
-    folds = cross_validation_folds(labels, num_folds if n < SINGLE_SPLIT_FROM else 4, seed)
-    if n >= SINGLE_SPLIT_FROM:
-        folds = folds[:1]
+    single_split = n >= SINGLE_SPLIT_FROM
+    folds = cross_validation_folds(labels, 4 if single_split else num_folds, seed)[: 1 if single_split else None]
     single_correct = features.logits.argmax(-1) == labels[:, None]  # (n, B)
     mean_correct = features.logits.mean(1).argmax(-1) == labels  # (n,)
     best = int(single_correct.float().mean(0).argmax())
     incumbent = BEST_BACKBONE if _beats(single_correct[:, best], mean_correct) else MEAN_OF_LOGITS
 
-    # Out-of-fold correctness and cross-entropy of the gate at every training length.
+    # Out-of-fold correctness and cross-entropy of the gate at every training length (until the path stops).
     scored = torch.tensor(sorted(i for fold in folds for i in fold))
     correct = {steps: torch.zeros(n, dtype=torch.bool) for steps in STEP_CHOICES}
     losses = {steps: torch.zeros(n) for steps in STEP_CHOICES}
+    states = {}  # step -> gate state, kept for the single split
+    last_step = STEP_CHOICES[-1]  # the longest length that every fold reached
     everything = set(range(n))
     for fold in folds:
         train, val = features.subset(sorted(everything - set(fold))), features.subset(fold)
+        path: list[float] = []
 
         @torch.no_grad()
-        def score(step: int, fold=fold, val=val) -> None:
-            if step in correct:
-                logits = combine_logits(val.logits, gate(val.gate_inputs))
-                correct[step][fold] = logits.argmax(-1) == val.labels
-                losses[step][fold] = nn.functional.cross_entropy(logits, val.labels, reduction="none")
+        def checkpoint(step: int, fold=fold, val=val, path=path) -> bool:
+            logits = combine_logits(val.logits, gate(val.gate_inputs))
+            correct[step][fold] = logits.argmax(-1) == val.labels
+            losses[step][fold] = nn.functional.cross_entropy(logits, val.labels, reduction="none")
+            path.append(float(losses[step][fold].mean()))
+            if single_split:
+                states[step] = copy.deepcopy(gate.state_dict())
+            rising = len(path) > PATIENCE and all(a < b for a, b in zip(path[-PATIENCE - 1 :], path[-PATIENCE:]))
+            return rising
 
-        _train(gate, train, STEP_CHOICES[-1], seed=seed, on_step=score)
-    steps = min(STEP_CHOICES, key=lambda s: float(losses[s][scored].mean()))  # ties: the shortest
+        _train(gate, train, last_step, seed=seed, on_checkpoint=checkpoint)
+        last_step = min(last_step, STEP_CHOICES[len(path) - 1])
+    reached = [s for s in STEP_CHOICES if s <= last_step]
+    steps = min(reached, key=lambda s: float(losses[s][scored].mean()))  # ties: the shortest
     candidates = {
         GATE: correct[steps],
         MEAN_OF_LOGITS: mean_correct,
         BEST_BACKBONE: single_correct[:, best],
     }
     fold_accuracy = {name: [float(hits[fold].float().mean()) for fold in folds] for name, hits in candidates.items()}
-    incumbent_correct = candidates[incumbent][scored]
-    chosen = GATE if _beats(correct[steps][scored], incumbent_correct) else incumbent
+    chosen = GATE if _beats(correct[steps][scored], candidates[incumbent][scored]) else incumbent
 
     settings = {}
     if chosen == GATE:
-        _train(gate, features, steps, seed=seed)
-        settings = {"steps": steps, "lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY}
+        settings = {"steps": steps, "lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY, "batch_size": BATCH_SIZE}
+        if single_split:  # trained on three quarters of the examples, kept as scored
+            gate.load_state_dict(states[steps])
+            settings["trained_on"] = f"{n - len(folds[0])} of {n} examples"
+        else:
+            _train(gate, features, steps, seed=seed)
     elif chosen == BEST_BACKBONE:
         set_best_backbone(gate, best)
     else:
@@ -247,6 +207,7 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
 __all__ = [
     "BEST_BACKBONE",
     "Features",
+    "BATCH_SIZE",
     "GATE",
     "GateChoice",
     "LEARNING_RATE",
@@ -255,6 +216,5 @@ __all__ = [
     "WEIGHT_DECAY",
     "cross_validation_folds",
     "fit_calibrated_gate",
-    "fit_gate",
     "set_best_backbone",
 ]
