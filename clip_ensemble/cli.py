@@ -91,7 +91,9 @@ def _calibrate(args) -> None:
     evaluations = []
     if args.eval_split:
         args.split = args.eval_split
-        evaluations.append(evaluate(model, _load_data(args), cache=_cache(args), batch_size=args.batch_size))
+        evaluations.append(
+            evaluate(model, _load_data(args), support=report, cache=_cache(args), batch_size=args.batch_size)
+        )
         print(evaluations[0].table())
         # Saved again (the gate is small), now with the evaluation in the card as model-index metadata.
         model.save_pretrained(args.output, evaluations=evaluations)
@@ -111,7 +113,9 @@ def _evaluate(args) -> None:
         require_matplotlib()
         check_report_folder(args.report)
     model = CLIPEnsembleModel.from_pretrained(args.model)
-    report = evaluate(model, _load_data(args), cache=_cache(args), batch_size=args.batch_size)
+    data = _load_data(args)
+    support = _support(args, model) if args.support_split else None
+    report = evaluate(model, data, support=support, cache=_cache(args), batch_size=args.batch_size)
     print(report.table())
     if args.json:
         report.to_json(args.json)
@@ -121,6 +125,21 @@ def _evaluate(args) -> None:
 
         write_report(report, args.report)
         print(f"Wrote the report to {args.report}/report.md (with charts, per-class accuracy, confusion matrix)")
+
+
+def _support(args, model):
+    """The gate's own k-shot calibration images, redrawn from `--support-split` with its recorded shots and seed."""
+    from .data import sample_few_shot
+
+    calibration = model.config.calibration
+    if not calibration:
+        raise ValueError(
+            f"--support-split {args.support_split}: the model '{args.model}' was never calibrated, so there are no "
+            "recorded shots and seed to redraw its calibration images; drop --support-split or calibrate it first."
+        )
+    args.split = args.support_split
+    data = _load_data(args)
+    return data.subset(sample_few_shot(data, calibration["shots"], calibration["seed"]), name=data.name)
 
 
 def _predict(args) -> None:
@@ -216,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="compare the gate with every backbone and the baselines")
     evaluate.add_argument("model", help="a saved ensemble: folder or Hub repo id")
     _add_data_arguments(evaluate, default_split="test")
+    evaluate.add_argument(
+        "--support-split",
+        metavar="SPLIT",
+        help="also fit the baselines (stacking, linear probe, Tip-Adapter) on the gate's own calibration images, "
+        "redrawn from this split with the shots and seed recorded in the model",
+    )
     evaluate.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     evaluate.add_argument(
         "--report",

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .baselines import Baseline, fit_baselines
+from .calibration import CalibrationReport
 from .data import LabelledImages, load_labelled_data
 from .features import FeatureCache
+from .fitting import Features
 from .metrics import confusion_matrix, mean_per_class_recall, per_class_recall, top_k_accuracy
 from .modeling_clip_ensemble import CLIPEnsembleModel
 
@@ -24,6 +27,8 @@ class EvaluationReport:
 
     The oracle has no ranking: `oracle_correct` holds its (n, 2) top-1 / top-5 hits. `gate_method` names the gate's
     entry in `ranked`; `split` is the dataset split when the data was loaded from a `datasets` dataset or Hub id.
+    `baselines` maps each baseline fitted on the calibration data (see `clip_ensemble.baselines`) to its
+    hyper-parameters chosen by cross-validation there; empty when `evaluate` was given no `support`.
     """
 
     dataset: str
@@ -36,6 +41,7 @@ class EvaluationReport:
     best_single: str | None  # the backbone chosen on calibration data
     gate_method: str
     split: str | None = None
+    baselines: dict[str, dict] = field(default_factory=dict)
 
     def rows(self) -> list[dict]:
         """One dict per method: top-1, top-5 accuracy and mean per-class recall (fractions)."""
@@ -85,6 +91,7 @@ class EvaluationReport:
             "gate_method": self.gate_method,
             "results": self.rows(),
             "largest_gate_weight_share": self.largest_gate_weight_share(),
+            **({"baselines": self.baselines} if self.baselines else {}),
         }
 
     def to_json(self, path=None) -> str:
@@ -139,12 +146,26 @@ def _split_of(source, split: str) -> str | None:
     return None
 
 
+def _support_data(support) -> LabelledImages:
+    """The calibration images from a `CalibrationReport` (its k-shot `support`) or any data form `evaluate` takes
+    (a Hub id or `DatasetDict` is read at its "train" split, where `calibrate` draws from by default)."""
+    if isinstance(support, CalibrationReport):
+        if support.support is None:
+            raise ValueError(
+                "This CalibrationReport holds no calibration images (`support` is None); pass the calibration data "
+                "itself as `support`."
+            )
+        return support.support
+    return load_labelled_data(support, split="train")
+
+
 @torch.no_grad()
 def evaluate(
     model: CLIPEnsembleModel,
     data,
     *,
     split: str = "test",
+    support=None,
     cache: FeatureCache | None = None,
     batch_size: int = 32,
     chunk_size: int = 1024,
@@ -154,14 +175,36 @@ def evaluate(
     probabilities, majority vote, the gate, and the oracle, on one labelled split.
 
     `data` is a `LabelledImages`, an image folder, a `datasets.Dataset` or a Hub dataset id (with `split`).
+    `support` is the calibration data: a `CalibrationReport` (its k-shot images are used), or a `LabelledImages`,
+    folder, `Dataset` or Hub id ("train" split). When given, the baselines a user would pick instead of the gate
+    (`clip_ensemble.baselines`: stacking, a linear probe, Tip-Adapter) are fitted on its cached features, their
+    hyper-parameters chosen by cross-validation on it, and reported beside the gate.
     """
     source, data = data, load_labelled_data(data, split=split)
     labels = torch.tensor(align_labels(model, data))
     cache = FeatureCache() if cache is None else cache
     embeds = cache.embed(model.backbones, data.images, batch_size=batch_size, progress=progress)
+    support_embeds = None
+    if support is not None:
+        support_data = _support_data(support)
+        support_labels = torch.tensor(align_labels(model, support_data))
+        support_embeds = cache.embed(model.backbones, support_data.images, batch_size=batch_size, progress=progress)
+        support_embeds = (support_embeds, support_labels)
     return evaluate_embeddings(
-        model, embeds, labels, dataset=data.name, split=_split_of(source, split), chunk_size=chunk_size
+        model,
+        embeds,
+        labels,
+        dataset=data.name,
+        split=_split_of(source, split),
+        chunk_size=chunk_size,
+        support=support_embeds,
     )
+
+
+def _features(model: CLIPEnsembleModel, image_embeds: Sequence[torch.Tensor], labels: torch.Tensor) -> Features:
+    """Cached `Features` (on the CPU) of one batch of embeddings, as calibration builds them."""
+    out = model(image_embeds=image_embeds)
+    return Features(torch.cat(out.image_embeds, dim=-1).cpu(), out.per_backbone_logits.cpu(), labels.cpu())
 
 
 @torch.no_grad()
@@ -173,14 +216,23 @@ def evaluate_embeddings(
     dataset: str = "data",
     split: str | None = None,
     chunk_size: int = 1024,
+    support: tuple[Sequence[torch.Tensor], torch.Tensor] | None = None,
 ) -> EvaluationReport:
     """`evaluate` on image embeddings already computed (one (n, embed_dim_b) tensor per backbone, e.g. from a
     `FeatureCache`) with `labels` (n,) indices into `model.labels`: scoring several gates on one split embeds it once.
+    `support` is the calibration data as (embeddings per backbone, labels); when given, the baselines are fitted on
+    it and reported.
     """
     names = model.config.backbone_names
     model.eval()
     gate_name = "gate" if model.config.calibration else "gate (uncalibrated: mean of logits)"
-    methods = [*names, "mean of logits", "mean of probabilities", "majority vote", gate_name]
+    baselines: dict[str, Baseline] = {}
+    if support is not None:
+        support_embeds, support_labels = support
+        seed = (model.config.calibration or {}).get("seed", 0)
+        support_features = _features(model, support_embeds, torch.as_tensor(support_labels))
+        baselines = fit_baselines(support_features, model.embed_dims, model.logit_scales, seed=seed)
+    methods = [*names, "mean of logits", "mean of probabilities", "majority vote", *baselines, gate_name]
     ranked: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     oracle, gate_weights = [], []
     k = min(5, len(model.labels))
@@ -191,11 +243,13 @@ def evaluate_embeddings(
         y = labels[start : start + chunk_size]
         votes = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).sum(1).float()  # (chunk, C)
         mean_probs = logits.softmax(-1).mean(1)
+        features = Features(torch.cat(out.image_embeds, dim=-1).cpu(), logits, y)
         scores = {
             **{name: logits[:, b] for b, name in enumerate(names)},
             "mean of logits": logits.mean(1),
             "mean of probabilities": mean_probs,
             "majority vote": votes + 0.5 * mean_probs,  # ties between vote counts go to the higher mean probability
+            **{name: baseline.scores(features) for name, baseline in baselines.items()},
             gate_name: out.logits.cpu(),
         }
         for method, score in scores.items():
@@ -225,6 +279,7 @@ def evaluate_embeddings(
         best_single=best_single if best_single in names else None,
         gate_method=gate_name,
         split=split,
+        baselines={name: baseline.to_dict() for name, baseline in baselines.items()},
     )
 
 
