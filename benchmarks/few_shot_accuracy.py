@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache
-from clip_ensemble.baselines import fit_baselines
+from clip_ensemble.baselines import LINEAR_PROBE, STACKING, TIP_ADAPTER, fit_baselines
 from clip_ensemble.fitting import Features, fit_calibrated_gate
 from clip_ensemble.gate import EnsembleGate, combine_logits
 from clip_ensemble.tasks import TOY_CLASSES, toy_backbones, toy_dataset
@@ -36,7 +36,8 @@ SHOTS = (1, 2, 4, 8, 16)
 GATE = "calibrated ensemble (ours)"
 BEST_SINGLE = "best single (chosen on the shots)"
 ORACLE = "oracle (any backbone right)"
-CHART_METHODS = (GATE, "mean of logits", BEST_SINGLE)  # plus the baselines; the oracle dashed
+CHART_METHODS = (GATE, "mean of logits", BEST_SINGLE)  # and the oracle, dashed
+BASELINES = (STACKING, LINEAR_PROBE, TIP_ADAPTER)
 
 
 def load_tasks(names: list[str], workdir: Path, synthetic_classes: int) -> list[FeatureTask]:
@@ -82,10 +83,10 @@ def score_methods(task: FeatureTask, support: Features, test: Features, seed: in
     with torch.enable_grad():
         gate = EnsembleGate([e.shape[1] for e in task.pool_embeds])
         fit_calibrated_gate(gate, support, seed=seed)
-        baselines = fit_baselines(support, [e.shape[1] for e in task.pool_embeds], len(task.label_names), seed=seed)
+        baselines = fit_baselines(support, [e.shape[1] for e in task.pool_embeds], task.logit_scales, seed=seed)
     top1[GATE] = float((combine_logits(logits, gate(test.gate_inputs)).argmax(-1) == labels).float().mean())
     for name, baseline in baselines.items():
-        top1[name] = float((baseline(test).argmax(-1) == labels).float().mean())
+        top1[name] = float((baseline.scores(test).argmax(-1) == labels).float().mean())
     top1[ORACLE] = float(correct.any(1).float().mean())
     return top1
 
@@ -136,7 +137,7 @@ def chart(all_results: dict[str, dict[int, dict[str, list[float]]]], path: Path)
     fig, axes = plt.subplots(1, len(all_results), figsize=(5 * len(all_results), 4), squeeze=False)
     for ax, (name, results) in zip(axes[0], all_results.items()):
         shots = list(results)
-        methods = [m for m in results[shots[0]] if m in CHART_METHODS or m in _baseline_names(results)]
+        methods = [m for m in results[shots[0]] if m in (*CHART_METHODS, *BASELINES)]
         for method in [*methods, ORACLE]:
             means = np.array([np.mean(results[k][method]) for k in shots]) * 100
             stds = np.array([np.std(results[k][method]) for k in shots]) * 100
@@ -152,12 +153,6 @@ def chart(all_results: dict[str, dict[int, dict[str, list[float]]]], path: Path)
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def _baseline_names(results: dict[int, dict[str, list[float]]]) -> list[str]:
-    from clip_ensemble.baselines import BASELINES
-
-    return [m for m in next(iter(results.values())) if m in BASELINES]
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ def cache():
 @pytest.fixture(scope="module")
 def calibrated(toy_backbone_dirs, cache):
     model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
-    calibrate(model, toy_dataset(per_class=16, seed=3), shots=1, seed=0, cache=cache, progress=False)
+    calibrate(model, toy_dataset(per_class=16, seed=3), shots=4, seed=0, cache=cache, progress=False)
     return model
 
 
