@@ -9,7 +9,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .backbones import Backbone
+from .backbones import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, Backbone
 from .gate import EnsembleGate, combine_logits
 
 # Measured figures by backbone fingerprint, so that every model sharing a backbone measures it once per process.
@@ -43,6 +43,23 @@ def measure_gflops(backbone: Backbone) -> float:
             backbone.encode_images(pixel_values)
         _MEASURED[key] = counter.get_total_flops() / 1e9
     return _MEASURED[key]
+
+
+def measure_gflops_from_config(name_or_path: str, revision: str | None = None) -> float:
+    """`measure_gflops` of a transformers backbone from its config alone (weights on the meta device, none read):
+    for tables of backbones that are not loaded, e.g. `clip-ensemble configs NAME --measure`."""
+    from transformers import AutoConfig, AutoModel
+
+    if name_or_path.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+        raise ValueError(f"'{name_or_path}' is an OpenCLIP backbone: load it and use `model.backbone_gflops`.")
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    size = config.vision_config.image_size
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.get_image_features(pixel_values=torch.zeros(1, 3, size, size, device="meta"))
+    return counter.get_total_flops() / 1e9
 
 
 def cost_order(gflops: list[float]) -> list[int]:
@@ -102,4 +119,4 @@ def stops(logits: torch.Tensor, threshold: float | None) -> torch.Tensor:
     return margins(logits) >= threshold
 
 
-__all__ = ["Cascade", "cost_order", "input_size", "margins", "measure_gflops", "stops"]
+__all__ = ["Cascade", "cost_order", "input_size", "margins", "measure_gflops", "measure_gflops_from_config", "stops"]

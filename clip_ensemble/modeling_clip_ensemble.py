@@ -437,7 +437,9 @@ class CLIPEnsembleModel(PreTrainedModel):
             raise ValueError(f"save_directory '{save_directory}' is a file; give a folder.")
         if not isinstance(evaluations, Sequence):
             evaluations = [evaluations]
-        card = build_model_card(self.config, repo_id=repo_id, evaluations=evaluations)  # checks them before writing
+        card = build_model_card(  # checks the evaluations before writing
+            self.config, repo_id=repo_id, evaluations=evaluations, backbone_gflops=self.backbone_gflops
+        )
         save_directory.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
         self.config.save_pretrained(save_directory)
