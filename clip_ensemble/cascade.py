@@ -17,6 +17,8 @@ from .gate import EnsembleGate, combine_logits
 from .modeling_clip_ensemble import CLIPEnsembleModel
 
 SINGLE_BACKBONE = "single backbone"  # the first stage: the cheapest backbone's own logits, unweighted
+# Tolerances whose thresholds are kept in the config, for accuracy-against-compute charts.
+CHART_TOLERANCES = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1)
 # Margin thresholds tried: this many quantiles of the early stages' out-of-fold margins.
 _NUM_THRESHOLDS = 200
 
@@ -199,8 +201,10 @@ def fit_cascade(
         cross_validated_accuracy=round(report.accuracy, 4),
         full_cross_validated_accuracy=round(report.full_accuracy, 4),
         stop_fractions=[round(f, 4) for f in report.stop_fractions],
+        # What other tolerances would have chosen, so that evaluation can chart the trade-off.
+        thresholds={str(t): report.at_tolerance(t)["threshold"] for t in CHART_TOLERANCES},
     )
     return report
 
 
-__all__ = ["CascadeReport", "fit_cascade"]
+__all__ = ["CHART_TOLERANCES", "CascadeReport", "fit_cascade"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ class EvaluationReport:
     best_single: str | None  # the backbone chosen on calibration data
     gate_method: str
     split: str | None = None
+    compute: list[dict] | None = None  # `accuracy_against_compute`: top-1 and mean GFLOPs per image per point
 
     def rows(self) -> list[dict]:
         """One dict per method: top-1, top-5 accuracy and mean per-class recall (fractions)."""
@@ -85,6 +88,7 @@ class EvaluationReport:
             "gate_method": self.gate_method,
             "results": self.rows(),
             "largest_gate_weight_share": self.largest_gate_weight_share(),
+            "accuracy_against_compute": self.compute,
         }
 
     def to_json(self, path=None) -> str:
@@ -225,7 +229,85 @@ def evaluate_embeddings(
         best_single=best_single if best_single in names else None,
         gate_method=gate_name,
         split=split,
+        compute=accuracy_against_compute(model, image_embeds, labels),
     )
 
 
-__all__ = ["ORACLE", "TIE", "EvaluationReport", "align_labels", "evaluate", "evaluate_embeddings"]
+# Accuracy against compute: each backbone, subsets, the full ensemble and its cascade at several tolerances.
+
+_MAX_CHARTED_SUBSETS = 6  # backbones up to which every subset (mean of logits) is charted
+
+
+@torch.no_grad()
+def accuracy_against_compute(
+    model: CLIPEnsembleModel, image_embeds: Sequence[torch.Tensor], labels: torch.Tensor
+) -> list[dict]:
+    """Top-1 and mean GFLOPs per image on cached embeddings: each backbone alone; every subset of two or more
+    backbones by plain averaging (up to 6 backbones); the full ensemble (the gate, every backbone run); and, for a
+    model with a cascade, the cascade at its own threshold and at those other tolerances would have chosen
+    (`config.cascade["thresholds"]`). One dict per point: method, kind, top1, gflops."""
+    names, gflops = model.config.backbone_names, model.backbone_gflops
+    labels = labels.cpu()
+    cascade, info = model.cascade, dict(model.config.cascade or {})
+    points = []
+    try:
+        model.set_cascade(None)
+        full = model(image_embeds=image_embeds)
+        logits = full.per_backbone_logits.cpu()  # (n, B, C)
+        for b, name in enumerate(names):
+            points.append(_point(name, "backbone", logits[:, b], labels, gflops[b]))
+        if len(names) <= _MAX_CHARTED_SUBSETS:
+            for size in range(2, len(names)):
+                for subset in itertools.combinations(range(len(names)), size):
+                    points.append(
+                        _point(
+                            " + ".join(names[b] for b in subset) + " (mean of logits)",
+                            "subset",
+                            logits[:, list(subset)].mean(1),
+                            labels,
+                            sum(gflops[b] for b in subset),
+                        )
+                    )
+        points.append(_point("full ensemble (gate)", "full", full.logits.cpu(), labels, sum(gflops)))
+        if cascade is not None:
+            chosen = info.get("tolerance")
+            thresholds = {**info.get("thresholds", {}), str(chosen): cascade.threshold}
+            for tolerance, threshold in sorted(thresholds.items(), key=lambda item: float(item[0])):
+                replay = copy.copy(cascade)
+                replay.threshold = threshold
+                model.set_cascade(replay)
+                out = model(image_embeds=image_embeds)
+                mark = " (chosen)" if float(tolerance) == chosen else ""
+                point = _point(f"cascade, tolerance {float(tolerance):g}{mark}", "cascade", out.logits.cpu(), labels, 0)
+                points.append({**point, "gflops": float(out.gflops.mean())})
+    finally:
+        model.set_cascade(cascade, **info) if cascade is not None else model.set_cascade(None)
+    return points
+
+
+def _point(method: str, kind: str, scores: torch.Tensor, labels: torch.Tensor, gflops: float) -> dict:
+    return {
+        "method": method,
+        "kind": kind,
+        "top1": float((scores.argmax(-1) == labels).float().mean()),
+        "gflops": gflops,
+    }
+
+
+def compute_table(points: list[dict]) -> str:
+    """A Markdown table of `accuracy_against_compute`'s points: top-1 (%) beside mean GFLOPs per image."""
+    lines = ["| method | top-1 | GFLOPs/image |", "|---|---:|---:|"]
+    lines += [f"| {p['method']} | {100 * p['top1']:.2f} | {p['gflops']:.4g} |" for p in points]
+    return "\n".join(lines)
+
+
+__all__ = [
+    "ORACLE",
+    "TIE",
+    "EvaluationReport",
+    "accuracy_against_compute",
+    "align_labels",
+    "compute_table",
+    "evaluate",
+    "evaluate_embeddings",
+]

@@ -161,3 +161,23 @@ def test_set_cascade_checks_what_it_is_given(cascaded):
         Cascade(model.embed_dims, [0, 0, 1], 1.0)
     with pytest.raises(ValueError, match="margin >= 0"):
         Cascade(model.embed_dims, [0, 1, 2], -1.0)
+
+
+def test_evaluate_charts_accuracy_against_compute(cascaded, tmp_path):
+    from clip_ensemble import evaluate
+    from clip_ensemble.report import write_report
+
+    model, _ = cascaded
+    report = evaluate(model, toy_dataset(per_class=5, seed=9), cache=FeatureCache(None), progress=False)
+    kinds = {point["kind"] for point in report.compute}
+    assert kinds == {"backbone", "subset", "full", "cascade"}
+    full = next(p for p in report.compute if p["kind"] == "full")
+    assert full["gflops"] == pytest.approx(sum(model.backbone_gflops))
+    chosen = next(p for p in report.compute if p["method"].endswith("(chosen)"))
+    # The chosen point is the model as it runs: the gate row of the same evaluation, at its mean cost.
+    gate_row = next(row for row in report.rows() if row["method"] == report.gate_method)
+    assert chosen["top1"] == pytest.approx(gate_row["top1"]) and chosen["gflops"] <= full["gflops"]
+    assert model.cascade is not None and model.config.cascade["tolerance"] == 0.05  # left as it was
+    write_report(report, tmp_path / "report")
+    assert (tmp_path / "report" / "compute_accuracy.png").stat().st_size > 0
+    assert "## Accuracy against compute" in (tmp_path / "report" / "report.md").read_text()
