@@ -81,3 +81,22 @@ def test_a_budget_below_the_cheapest_backbone_names_the_fix(toy_model):
         select_backbones(toy_model, toy_dataset(per_class=2, seed=3), shots=2, budget_gflops=cheapest / 2)
     with pytest.raises(ValueError, match="must be a positive number"):
         select_backbones(toy_model, toy_dataset(per_class=2, seed=3), shots=2, budget_gflops=-1)
+
+
+def test_cli_calibrate_within_a_budget(toy_model, toy_backbone_dirs, tmp_path, capsys):
+    from clip_ensemble.cli import main
+
+    data = toy_dataset(per_class=3, seed=11)
+    for i, (image, label) in enumerate(zip(data.images, data.labels)):
+        (tmp_path / "photos" / TOY_CLASSES[label]).mkdir(parents=True, exist_ok=True)
+        image.save(tmp_path / "photos" / TOY_CLASSES[label] / f"{i}.png")
+    cheapest = min(toy_model.backbone_gflops)
+    args = ["calibrate", "--backbones", *toy_backbone_dirs, "--dataset", str(tmp_path / "photos"), "--shots", "3"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "gate")]
+    assert main([*args, "--budget-gflops", str(cheapest * 1.01)]) == 0
+    assert "Budget" in capsys.readouterr().out
+    saved = CLIPEnsembleModel.from_pretrained(tmp_path / "gate")
+    assert len(saved.backbones) == 1 and sum(saved.backbone_gflops) <= cheapest * 1.01
+    assert "| GFLOPs/image |" in (tmp_path / "gate" / "README.md").read_text()
+    assert main([*args, "--budget-gflops", str(cheapest / 2)]) == 2
+    assert "raise the budget" in capsys.readouterr().err
