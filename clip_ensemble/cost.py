@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
 from PIL import Image
 from torch import nn
@@ -11,13 +9,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .backbones import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, Backbone
 from .gate import EnsembleGate, combine_logits
-
-# Measured figures by backbone fingerprint, so that every model sharing a backbone measures it once per process.
-_MEASURED: dict[str, float] = {}
-
-
-def _fingerprint(backbone: Backbone) -> str:
-    return json.dumps(backbone.cache_key(), sort_keys=True, default=str)
 
 
 def input_size(backbone: Backbone) -> tuple[int, int]:
@@ -32,17 +23,15 @@ def measure_gflops(backbone: Backbone) -> float:
     Counted by `torch.utils.flop_counter.FlopCounterMode`, which counts a multiply-add as 2 FLOPs, as OpenCLIP's
     profile table does (the `image_gflops` of `hub_configs/`: 8.82 for ViT-B/32, which this measures as 8.818).
     Only the operations it knows are counted (matrix products, convolutions, attention): normalisation and
-    activations are not, well under 1% of a CLIP. Cached per backbone for the life of the process.
+    activations are not, well under 1% of a CLIP. Cached on the backbone.
     """
-    key = _fingerprint(backbone)
-    if key not in _MEASURED:
+    if getattr(backbone, "_measured_gflops", None) is None:  # the forward pass reads it on every call
         height, width = input_size(backbone)
-        pixel_values = torch.zeros(1, 3, height, width)
         counter = FlopCounterMode(display=False)
         with counter:
-            backbone.encode_images(pixel_values)
-        _MEASURED[key] = counter.get_total_flops() / 1e9
-    return _MEASURED[key]
+            backbone.encode_images(torch.zeros(1, 3, height, width))
+        backbone._measured_gflops = counter.get_total_flops() / 1e9
+    return backbone._measured_gflops
 
 
 def measure_gflops_from_config(name_or_path: str, revision: str | None = None) -> float:
