@@ -240,58 +240,62 @@ _MAX_CHARTED_SUBSETS = 6  # backbones up to which every subset (mean of logits) 
 
 @torch.no_grad()
 def accuracy_against_compute(
-    model: CLIPEnsembleModel, image_embeds: Sequence[torch.Tensor], labels: torch.Tensor
+    model: CLIPEnsembleModel, image_embeds: Sequence[torch.Tensor], labels: torch.Tensor, *, chunk_size: int = 1024
 ) -> list[dict]:
     """Top-1 and mean GFLOPs per image on cached embeddings: each backbone alone; every subset of two or more
     backbones by plain averaging (up to 6 backbones); the full ensemble (the gate, every backbone run); and, for a
     model with a cascade, the cascade at its own threshold and at those other tolerances would have chosen
-    (`config.cascade["thresholds"]`). One dict per point: method, kind, top1, gflops."""
+    (`config.cascade["thresholds"]`). One dict per point: method, kind, top1, gflops. Runs `chunk_size` images at
+    a time."""
     names, gflops = model.config.backbone_names, model.backbone_gflops
-    labels = labels.cpu()
+    subsets = [
+        subset
+        for size in range(2, len(names))
+        for subset in itertools.combinations(range(len(names)), size)
+        if len(names) <= _MAX_CHARTED_SUBSETS
+    ]
+    points = [{"method": name, "kind": "backbone", "gflops": gflops[b]} for b, name in enumerate(names)]
+    points += [
+        {
+            "method": " + ".join(names[b] for b in subset) + " (mean of logits)",
+            "kind": "subset",
+            "gflops": sum(gflops[b] for b in subset),
+        }
+        for subset in subsets
+    ]
+    points.append({"method": "full ensemble (gate)", "kind": "full", "gflops": sum(gflops)})
     cascade, info = model.cascade, dict(model.config.cascade or {})
-    points = []
+    replays = {}  # point index -> cascade threshold
+    if cascade is not None:
+        chosen = info.get("tolerance")
+        thresholds = {**info.get("thresholds", {}), str(chosen): cascade.threshold}
+        for tolerance, threshold in sorted(thresholds.items(), key=lambda item: float(item[0])):
+            mark = " (chosen)" if float(tolerance) == chosen else ""
+            replays[len(points)] = threshold
+            points.append(
+                {"method": f"cascade, tolerance {float(tolerance):g}{mark}", "kind": "cascade", "gflops": 0.0}
+            )
+    correct = [0] * len(points)
     try:
-        model.set_cascade(None)
-        full = model(image_embeds=image_embeds)
-        logits = full.per_backbone_logits.cpu()  # (n, B, C)
-        for b, name in enumerate(names):
-            points.append(_point(name, "backbone", logits[:, b], labels, gflops[b]))
-        if len(names) <= _MAX_CHARTED_SUBSETS:
-            for size in range(2, len(names)):
-                for subset in itertools.combinations(range(len(names)), size):
-                    points.append(
-                        _point(
-                            " + ".join(names[b] for b in subset) + " (mean of logits)",
-                            "subset",
-                            logits[:, list(subset)].mean(1),
-                            labels,
-                            sum(gflops[b] for b in subset),
-                        )
-                    )
-        points.append(_point("full ensemble (gate)", "full", full.logits.cpu(), labels, sum(gflops)))
-        if cascade is not None:
-            chosen = info.get("tolerance")
-            thresholds = {**info.get("thresholds", {}), str(chosen): cascade.threshold}
-            for tolerance, threshold in sorted(thresholds.items(), key=lambda item: float(item[0])):
-                replay = copy.copy(cascade)
+        for start in range(0, len(labels), chunk_size):
+            chunk = [e[start : start + chunk_size] for e in image_embeds]
+            y = labels[start : start + chunk_size].cpu()
+            model.set_cascade(None)
+            full = model(image_embeds=chunk)
+            logits = full.per_backbone_logits.cpu()  # (chunk, B, C)
+            scores = [*logits.unbind(1), *(logits[:, list(s)].mean(1) for s in subsets), full.logits.cpu()]
+            for index, score in enumerate(scores):
+                correct[index] += int((score.argmax(-1) == y).sum())
+            for index, threshold in replays.items():
+                replay = copy.copy(cascade)  # shares the gates; only the threshold differs
                 replay.threshold = threshold
                 model.set_cascade(replay)
-                out = model(image_embeds=image_embeds)
-                mark = " (chosen)" if float(tolerance) == chosen else ""
-                point = _point(f"cascade, tolerance {float(tolerance):g}{mark}", "cascade", out.logits.cpu(), labels, 0)
-                points.append({**point, "gflops": float(out.gflops.mean())})
+                out = model(image_embeds=chunk)
+                correct[index] += int((out.logits.argmax(-1).cpu() == y).sum())
+                points[index]["gflops"] += float(out.gflops.sum()) / len(labels)
     finally:
         model.set_cascade(cascade, **info) if cascade is not None else model.set_cascade(None)
-    return points
-
-
-def _point(method: str, kind: str, scores: torch.Tensor, labels: torch.Tensor, gflops: float) -> dict:
-    return {
-        "method": method,
-        "kind": kind,
-        "top1": float((scores.argmax(-1) == labels).float().mean()),
-        "gflops": gflops,
-    }
+    return [{**point, "top1": hits / len(labels)} for point, hits in zip(points, correct)]
 
 
 def compute_table(points: list[dict]) -> str:
