@@ -165,7 +165,8 @@ def compute_accuracy_chart(points: list[dict], path: str | os.PathLike, title: s
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
+    if points:  # a report built by hand may have none
+        ax.legend(fontsize=9)
     fig.savefig(path, dpi=110)
 
 
