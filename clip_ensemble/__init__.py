@@ -15,6 +15,7 @@ from .open_clip_backbone import OpenCLIPBackbone
 from .pipeline import CLIPEnsemblePipeline
 from .placement import plan_placement
 from .processing_clip_ensemble import CLIPEnsembleProcessor, load_image, load_images
+from .selection import SelectionReport, select_backbones
 from .templates import OPENAI_IMAGENET_TEMPLATES, SHORT_TEMPLATES, TEMPLATE_SETS
 from .zero_shot import build_zero_shot_classifier
 
@@ -39,6 +40,8 @@ __all__ = [
     "from_image_folder",
     "from_lists",
     "sample_few_shot",
+    "select_backbones",
+    "SelectionReport",
     "Backbone",
     "CLIPEnsembleConfig",
     "CLIPEnsembleModel",

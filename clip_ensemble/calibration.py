@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .cascade import CascadeReport, fit_cascade
 from .data import LabelledImages, load_labelled_data, sample_few_shot
 from .features import FeatureCache
 from .fitting import BEST_BACKBONE, GATE, MEAN_OF_LOGITS, Features, fit_calibrated_gate
@@ -36,6 +37,7 @@ class CalibrationReport:
     gate_seconds: float
     images_embedded: int  # backbone forward passes over images (0 when all came from the cache)
     support: LabelledImages | None = field(default=None, repr=False)  # the calibration images, for baselines
+    cascade: CascadeReport | None = None  # the cascade fitted with `cascade_tolerance`, if any
 
     def to_dict(self) -> dict:
         return {name: value for name, value in asdict(self).items() if name != "support"}
@@ -70,6 +72,7 @@ class CalibrationReport:
             *(f"  {name}: {100 * acc:.1f}%" for name, acc in self.backbone_accuracy.items()),
             f"  time: {self.feature_seconds:.1f} s features ({self.images_embedded} images embedded), "
             f"{self.gate_seconds:.1f} s fitting",
+            *([f"  {self.cascade}"] if self.cascade is not None else []),
         ]
         return "\n".join(lines)
 
@@ -84,6 +87,7 @@ def calibrate(
     cache: FeatureCache | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    cascade_tolerance: float | None = None,
 ) -> CalibrationReport:
     """Fit `model`'s gate on `shots` labelled images per class of `data`; the backbones stay frozen.
 
@@ -92,7 +96,20 @@ def calibrate(
     `data` is a `LabelledImages`, an image folder, a `datasets.Dataset` or a Hub dataset id (`split` is used for
     the last two). The model takes the data's label names. Image embeddings come from `cache` (by default the
     on-disk cache), so a second calibration on the same images runs no backbone. Deterministic for a seed.
+
+    `cascade_tolerance` (e.g. 0.01, one point of top-1) also fits a cascade (`clip_ensemble.cascade.fit_cascade`):
+    backbones run cheapest first and confident images stop early, with the largest saving whose cross-validated
+    top-1 stays within that tolerance of the full ensemble's. `None` (the default) removes any cascade.
     """
+    if cascade_tolerance is not None and (
+        isinstance(cascade_tolerance, bool)
+        or not isinstance(cascade_tolerance, (int, float))
+        or not 0 <= cascade_tolerance < 1
+    ):
+        raise ValueError(
+            f"cascade_tolerance={cascade_tolerance!r} must be a fraction of top-1 in [0, 1), e.g. 0.01 for one "
+            "point; pass None for no cascade."
+        )
     data: LabelledImages = load_labelled_data(data, split=split)
     support = data.subset(sample_few_shot(data, shots, seed), name=data.name)
     if support.label_names != model.labels:
@@ -112,6 +129,10 @@ def calibrate(
     features = Features(torch.cat(embeds, dim=-1), per_backbone_logits, labels)
     choice = fit_calibrated_gate(model.gate, features, seed=seed)
     gate_seconds = time.perf_counter() - started
+    cascade = None
+    model.set_cascade(None)
+    if cascade_tolerance is not None:
+        cascade = fit_cascade(model, features, tolerance=cascade_tolerance, seed=seed)
 
     with torch.no_grad():
         final = combine_logits(per_backbone_logits, model.gate(features.gate_inputs))
@@ -135,6 +156,7 @@ def calibrate(
         gate_seconds=gate_seconds,
         images_embedded=max(cache.last_computed, default=0),
         support=support,
+        cascade=cascade,
     )
     model.config.calibration = {
         "dataset": report.dataset,
@@ -149,6 +171,15 @@ def calibrate(
         "best_single_backbone": report.best_backbone,
         "backbone_accuracy": {name: round(acc, 4) for name, acc in report.backbone_accuracy.items()},
     }
+    if cascade is not None:
+        model.config.calibration["cascade"] = {
+            "tolerance": cascade.tolerance,
+            "order": cascade.order,
+            "threshold": cascade.threshold,
+            "cross_validated_accuracy": round(cascade.accuracy, 4),
+            "mean_gflops": round(cascade.mean_gflops, 4),
+            "full_gflops": round(cascade.full_gflops, 4),
+        }
     return report
 
 

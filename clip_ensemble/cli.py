@@ -84,8 +84,18 @@ def _calibrate(args) -> None:
         combination=args.combination,
         **_placement(args),
     )
-    report = calibrate(model, data, shots=args.shots, seed=args.seed, cache=_cache(args), batch_size=args.batch_size)
-    print(report)
+    if args.budget_gflops is not None:
+        from .selection import select_backbones
+
+        model, selection = select_backbones(
+            model, data, args.shots, args.budget_gflops, args.seed, cache=_cache(args), batch_size=args.batch_size
+        )
+        print(selection)
+    else:
+        report = calibrate(
+            model, data, shots=args.shots, seed=args.seed, cache=_cache(args), batch_size=args.batch_size
+        )
+        print(report)
     model.save_pretrained(args.output)
     print(f"Saved the gate and config to {args.output}")
     evaluations = []
@@ -208,6 +218,20 @@ def _configs(args) -> None:
     from .hub_configs import format_config_table
 
     print(format_config_table(args.name))
+    if args.measure:
+        from .cost import measure_gflops_from_config
+        from .hub_configs import load_hub_config
+
+        if args.name is None:
+            raise ValueError("--measure needs a set name: `clip-ensemble configs NAME --measure`.")
+        print("\nGFLOPs/image measured with torch's FLOP counter from each backbone's config (no weights read):")
+        for entry in load_hub_config(args.name)["backbones"]:
+            try:
+                measured = f"{measure_gflops_from_config(entry['name_or_path'], entry['revision']):.2f}"
+            except (OSError, ValueError) as error:
+                measured = f"n/a ({str(error).splitlines()[0]})"
+            listed = "n/a" if entry["image_gflops"] is None else f"{entry['image_gflops']:.2f}"
+            print(f"  {entry['name_or_path']}: measured {measured}, listed {listed}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--combination", default="softplus", choices=["softplus", "softmax", "top1"])
     calibrate.add_argument("--output", required=True, help="folder for config.json, gate.safetensors, README.md")
     calibrate.add_argument("--eval-split", help="also evaluate on this split of the dataset")
+    calibrate.add_argument(
+        "--budget-gflops",
+        type=float,
+        help="keep the subset of backbones with the best cross-validated top-1 within this many GFLOPs per image",
+    )
     calibrate.add_argument("--push-to-hub", metavar="REPO", help="push the gate to this Hub repo")
     _add_placement_arguments(calibrate, default_device="the CPU")
     calibrate.set_defaults(run=_calibrate)
@@ -269,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     configs = commands.add_parser("configs", help="list the curated backbone sets, or show one")
     configs.add_argument("name", nargs="?", help="a set name or a .json file")
+    configs.add_argument(
+        "--measure", action="store_true", help="also measure each backbone's GFLOPs/image from its config"
+    )
     configs.set_defaults(run=_configs)
 
     demo = commands.add_parser("demo", help="offline demo on toy backbones trained in seconds")

@@ -57,6 +57,11 @@ class CLIPEnsembleConfig(PretrainedConfig):
         calibration (`dict`, *optional*):
             What the gate was calibrated on (dataset, shots, seed, accuracies); written by calibration and shown in
             the model card. `None` for an uncalibrated gate.
+        cascade (`dict`, *optional*):
+            A cascade that runs backbones cheapest first and lets confident images stop early: `order` (backbone
+            indices in run order), `threshold` (the margin, top-1 minus top-2 logit, at which an image stops; `None`
+            never stops early) and what its fitting estimated (`tolerance`, `mean_gflops`, ...). Its gates are saved
+            in `cascade.safetensors`. `None` (the default) runs every backbone on every image.
 
     Example:
 
@@ -80,6 +85,7 @@ class CLIPEnsembleConfig(PretrainedConfig):
     gate_hidden_size: int = 128
     combination: str = "softplus"
     calibration: dict | None = None
+    cascade: dict | None = None
 
     def __post_init__(self, **kwargs):
         # id2label / label2id always follow `labels`; saved copies of them are redundant.
@@ -124,6 +130,24 @@ class CLIPEnsembleConfig(PretrainedConfig):
             raise ValueError(f"combination='{self.combination}' is not supported; choose one of {list(COMBINATIONS)}.")
         if not isinstance(self.gate_hidden_size, int) or self.gate_hidden_size <= 0:
             raise ValueError(f"gate_hidden_size={self.gate_hidden_size!r} must be a positive int.")
+        if self.cascade is not None:
+            self._validate_cascade()
+
+    def _validate_cascade(self) -> None:
+        cascade = self.cascade
+        if not isinstance(cascade, dict) or "order" not in cascade or "threshold" not in cascade:
+            raise ValueError(
+                f"cascade={cascade!r} needs 'order' and 'threshold'; fit one with `calibrate(..., cascade_tolerance=...)`."
+            )
+        if sorted(cascade["order"]) != list(range(len(self.backbones))):
+            raise ValueError(
+                f"cascade order {cascade['order']} must list each of the {len(self.backbones)} backbones once."
+            )
+        threshold = cascade["threshold"]
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+            raise ValueError(f"cascade threshold {threshold!r} must be a number, or null to never stop early.")
+        if threshold is not None and not threshold >= 0:
+            raise ValueError(f"cascade threshold {threshold!r} must be >= 0, or null to never stop early.")
 
     @property
     def num_backbones(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ class EvaluationReport:
     gate_method: str
     split: str | None = None
     baselines: dict[str, dict] = field(default_factory=dict)
+    compute: list[dict] | None = None  # `accuracy_against_compute`: top-1 and mean GFLOPs per image per point
 
     def rows(self) -> list[dict]:
         """One dict per method: top-1, top-5 accuracy and mean per-class recall (fractions)."""
@@ -92,6 +95,7 @@ class EvaluationReport:
             "results": self.rows(),
             "largest_gate_weight_share": self.largest_gate_weight_share(),
             **({"baselines": self.baselines} if self.baselines else {}),
+            "accuracy_against_compute": self.compute,
         }
 
     def to_json(self, path=None) -> str:
@@ -280,7 +284,89 @@ def evaluate_embeddings(
         gate_method=gate_name,
         split=split,
         baselines={name: baseline.to_dict() for name, baseline in baselines.items()},
+        compute=accuracy_against_compute(model, image_embeds, labels),
     )
 
 
-__all__ = ["ORACLE", "TIE", "EvaluationReport", "align_labels", "evaluate", "evaluate_embeddings"]
+# Accuracy against compute: each backbone, subsets, the full ensemble and its cascade at several tolerances.
+
+_MAX_CHARTED_SUBSETS = 6  # backbones up to which every subset (mean of logits) is charted
+
+
+@torch.no_grad()
+def accuracy_against_compute(
+    model: CLIPEnsembleModel, image_embeds: Sequence[torch.Tensor], labels: torch.Tensor, *, chunk_size: int = 1024
+) -> list[dict]:
+    """Top-1 and mean GFLOPs per image on cached embeddings: each backbone alone; every subset of two or more
+    backbones by plain averaging (up to 6 backbones); the full ensemble (the gate, every backbone run); and, for a
+    model with a cascade, the cascade at its own threshold and at those other tolerances would have chosen
+    (`config.cascade["thresholds"]`). One dict per point: method, kind, top1, gflops. Runs `chunk_size` images at
+    a time."""
+    names, gflops = model.config.backbone_names, model.backbone_gflops
+    subsets = [
+        subset
+        for size in range(2, len(names))
+        for subset in itertools.combinations(range(len(names)), size)
+        if len(names) <= _MAX_CHARTED_SUBSETS
+    ]
+    points = [{"method": name, "kind": "backbone", "gflops": gflops[b]} for b, name in enumerate(names)]
+    points += [
+        {
+            "method": " + ".join(names[b] for b in subset) + " (mean of logits)",
+            "kind": "subset",
+            "gflops": sum(gflops[b] for b in subset),
+        }
+        for subset in subsets
+    ]
+    points.append({"method": "full ensemble (gate)", "kind": "full", "gflops": sum(gflops)})
+    cascade, info = model.cascade, dict(model.config.cascade or {})
+    replays = {}  # point index -> cascade threshold
+    if cascade is not None:
+        chosen = info.get("tolerance")
+        thresholds = {**info.get("thresholds", {}), str(chosen): cascade.threshold}
+        for tolerance, threshold in sorted(thresholds.items(), key=lambda item: float(item[0])):
+            mark = " (chosen)" if float(tolerance) == chosen else ""
+            replays[len(points)] = threshold
+            points.append(
+                {"method": f"cascade, tolerance {float(tolerance):g}{mark}", "kind": "cascade", "gflops": 0.0}
+            )
+    correct = [0] * len(points)
+    try:
+        for start in range(0, len(labels), chunk_size):
+            chunk = [e[start : start + chunk_size] for e in image_embeds]
+            y = labels[start : start + chunk_size].cpu()
+            model.set_cascade(None)
+            full = model(image_embeds=chunk)
+            logits = full.per_backbone_logits.cpu()  # (chunk, B, C)
+            scores = [*logits.unbind(1), *(logits[:, list(s)].mean(1) for s in subsets), full.logits.cpu()]
+            for index, score in enumerate(scores):
+                correct[index] += int((score.argmax(-1) == y).sum())
+            for index, threshold in replays.items():
+                replay = copy.copy(cascade)  # shares the gates; only the threshold differs
+                replay.threshold = threshold
+                model.set_cascade(replay)
+                out = model(image_embeds=chunk)
+                correct[index] += int((out.logits.argmax(-1).cpu() == y).sum())
+                points[index]["gflops"] += float(out.gflops.sum()) / len(labels)
+    finally:
+        model.set_cascade(cascade, **info) if cascade is not None else model.set_cascade(None)
+    return [{**point, "top1": hits / len(labels)} for point, hits in zip(points, correct)]
+
+
+def compute_table(points: list[dict]) -> str:
+    """A Markdown table of `accuracy_against_compute`'s points: top-1 (%) beside mean GFLOPs per image."""
+    lines = ["| method | top-1 | GFLOPs/image |", "|---|---:|---:|"]
+    lines += [f"| {p['method']} | {100 * p['top1']:.2f} | {p['gflops']:.4g} |" for p in points]
+    return "\n".join(lines)
+
+
+__all__ = [
+    "ORACLE",
+    "TIE",
+    "EvaluationReport",
+    "accuracy_against_compute",
+    "align_labels",
+    "compute_table",
+    "evaluate",
+    "evaluate_embeddings",
+]

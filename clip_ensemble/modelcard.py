@@ -49,12 +49,15 @@ def eval_results(report: EvaluationReport) -> list[EvalResult]:
 
 
 def build_model_card(
-    config: CLIPEnsembleConfig, repo_id: str | None = None, evaluations: Sequence[EvaluationReport] = ()
+    config: CLIPEnsembleConfig,
+    repo_id: str | None = None,
+    evaluations: Sequence[EvaluationReport] = (),
+    backbone_gflops: Sequence[float] | None = None,
 ) -> ModelCard:
     """A card listing the backbones, labels, gate and calibration, with the code that loads the ensemble.
 
     Each of `evaluations` adds the gate's results to the card's metadata (the Hub's model-index) and its table of
-    every method to the card's text.
+    every method to the card's text. `backbone_gflops` (measured, `model.backbone_gflops`) fills a cost column.
     """
     names = config.backbone_names
     for index, report in enumerate(evaluations):
@@ -74,10 +77,26 @@ def build_model_card(
         model_name=(repo_id.split("/")[-1] if repo_id else "clip-ensemble") if evaluations else None,
         eval_results=[result for report in evaluations for result in eval_results(report)] or None,
     )
+    gflops = [f"{g:.4g}" for g in backbone_gflops] if backbone_gflops is not None else ["n/a"] * len(names)
     rows = "\n".join(
-        f"| {i} | `{b['name_or_path']}` | {b['revision'] or 'main'} | {b['embed_dim']} |"
-        for i, b in enumerate(config.backbones)
+        f"| {i} | `{b['name_or_path']}` | {b['revision'] or 'main'} | {b['embed_dim']} | {g} |"
+        for i, (b, g) in enumerate(zip(config.backbones, gflops))
     )
+    if config.cascade is not None:
+        order = " -> ".join(f"`{names[b]}`" for b in config.cascade["order"])
+        expected = config.cascade.get("mean_gflops")
+        cascade = (
+            f"\n\nCascade: backbones run {order}; an image stops once the backbones run so far are sure enough "
+            + (
+                f"(about {expected:.4g} GFLOPs per image on the calibration data, against "
+                f"{config.cascade['full_gflops']:.4g} for all, top-1 within {config.cascade['tolerance']} of the full "
+                "ensemble there)."
+                if expected is not None
+                else "."
+            )
+        )
+    else:
+        cascade = ""
     labels = ", ".join(config.labels[:_MAX_LABELS_SHOWN])
     if len(config.labels) > _MAX_LABELS_SHOWN:
         labels += f", ... ({len(config.labels) - _MAX_LABELS_SHOWN} more)"
@@ -111,9 +130,12 @@ repo holds only the gate and its config: the backbones load from their own repos
 
 ## Backbones
 
-| # | backbone | revision | embedding width |
-|---|---|---|---|
+| # | backbone | revision | embedding width | GFLOPs/image |
+|---|---|---|---|---|
 {rows}
+
+GFLOPs: forward pass of the image tower on one image at its input size, measured with torch's FLOP counter
+(2 FLOPs per multiply-add).{cascade}
 
 ## Labels
 

@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 
 from .backbones import Backbone
 from .configuration_clip_ensemble import CLIPEnsembleConfig, _normalize_backbone
+from .cost import Cascade, measure_gflops
 from .gate import EnsembleGate, combine_logits
 from .modelcard import build_model_card
 from .placement import Device, load_backbones, run_per_device, torch_device
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # evaluation.py imports this module
     from .evaluation import EvaluationReport
 
 GATE_WEIGHTS_NAME = "gate.safetensors"
+CASCADE_WEIGHTS_NAME = "cascade.safetensors"
 
 
 @dataclass
@@ -45,6 +47,13 @@ class CLIPEnsembleOutput(ModelOutput):
             Each backbone's own zero-shot logits, `logit_scale_b * image_embed_b @ W_b.T`.
         image_embeds (`tuple[torch.FloatTensor]`, one of shape `(batch_size, embed_dim_b)` per backbone):
             L2-normalised image embeddings, the gate's input.
+        gflops (`torch.FloatTensor` of shape `(batch_size,)`):
+            The compute spent on each image: the summed GFLOPs of the backbones it ran through (all of them without
+            a cascade). With `image_embeds` input, what the images would have cost from pixels.
+        num_backbones_run (`torch.LongTensor` of shape `(batch_size,)`):
+            How many backbones each image needed: the first ones of `model.cascade.order`, or all of them without a
+            cascade. With a cascade and pixel input, a backbone an image did not run leaves NaN in its
+            `per_backbone_logits` and `image_embeds` rows and weight 0 in `gate_weights`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -52,6 +61,8 @@ class CLIPEnsembleOutput(ModelOutput):
     gate_weights: torch.FloatTensor | None = None
     per_backbone_logits: torch.FloatTensor | None = None
     image_embeds: tuple[torch.FloatTensor, ...] | None = None
+    gflops: torch.FloatTensor | None = None
+    num_backbones_run: torch.LongTensor | None = None
 
 
 class CLIPEnsembleModel(PreTrainedModel):
@@ -103,6 +114,9 @@ class CLIPEnsembleModel(PreTrainedModel):
         self.processor = CLIPEnsembleProcessor([backbone.preprocess for backbone in backbones])
         self._head_cache: dict[tuple, list[torch.Tensor]] = {}
         self.set_labels(config.labels, config.templates)
+        self.cascade: Cascade | None = None
+        if config.cascade is not None:  # weights follow with `load_cascade`
+            self.set_cascade(self._cascade_from_config(config.cascade))
 
     def _init_weights(self, module: nn.Module) -> None:
         # The gate initialises itself (so that it starts as logit averaging); backbones come pretrained.
@@ -115,6 +129,69 @@ class CLIPEnsembleModel(PreTrainedModel):
     @property
     def labels(self) -> list[str]:
         return list(self.config.labels)
+
+    @property
+    def backbone_gflops(self) -> list[float]:
+        """Forward GFLOPs per image of each backbone's image tower at its own input size, measured once per backbone
+        with torch's FLOP counter (`clip_ensemble.cost.measure_gflops`; 2 FLOPs per multiply-add)."""
+        return [measure_gflops(backbone) for backbone in self.backbones]
+
+    def describe(self) -> str:
+        """The backbones as a Markdown table: embedding width, input size and measured GFLOPs per image; and the
+        cascade, if any."""
+        from .cost import input_size
+
+        rows = [
+            f"| {i} | `{name}` | {entry['embed_dim']} | {'x'.join(map(str, input_size(backbone)))} | {gflops:.3g} |"
+            for i, (name, entry, backbone, gflops) in enumerate(
+                zip(self.config.backbone_names, self.config.backbones, self.backbones, self.backbone_gflops)
+            )
+        ]
+        lines = [
+            "| # | backbone | embedding width | input | GFLOPs/image |",
+            "|---|---|---|---|---|",
+            *rows,
+            f"| | total | | | {sum(self.backbone_gflops):.3g} |",
+        ]
+        if self.cascade is not None:
+            info = self.config.cascade
+            order = " -> ".join(self.config.backbone_names[b] for b in self.cascade.order)
+            expected = (
+                f": about {info['mean_gflops']:.3g} GFLOPs per image expected, top-1 within {info['tolerance']} of "
+                "the full ensemble"
+                if info.get("mean_gflops") is not None
+                else ""
+            )
+            lines.append(f"\nCascade: {order}{expected}.")
+        return "\n".join(lines)
+
+    def set_cascade(self, cascade: Cascade | None, **info) -> None:
+        """Run backbones as `cascade` says (see `clip_ensemble.cost.Cascade`), or all of them with `None`.
+
+        `info` (what its fitting estimated: tolerance, mean GFLOPs, accuracy) goes into `config.cascade` with the
+        cascade's order and threshold, and from there into the saved config and the model card.
+        """
+        if cascade is None:
+            self.cascade, self.config.cascade = None, None
+            return
+        if not isinstance(cascade, Cascade):
+            raise TypeError(f"set_cascade takes a clip_ensemble.cost.Cascade or None, got {type(cascade).__name__}.")
+        if len(cascade.order) != self.config.num_backbones:
+            raise ValueError(
+                f"The cascade orders {len(cascade.order)} backbones, the ensemble has {self.config.num_backbones}."
+            )
+        self.cascade = cascade.to(self.gate.fc1.weight.device)
+        previous = self.config.cascade if self.config.cascade and not info else {}
+        self.config.cascade = {**previous, **info, "order": list(cascade.order), "threshold": cascade.threshold}
+
+    def _cascade_from_config(self, entry: dict) -> Cascade:
+        return Cascade(
+            self.embed_dims,
+            entry["order"],
+            entry["threshold"],
+            self.config.gate_hidden_size,
+            self.config.combination,
+        )
 
     @classmethod
     def from_backbones(
@@ -233,33 +310,112 @@ class CLIPEnsembleModel(PreTrainedModel):
             raise ValueError("Pass exactly one of `pixel_values`, `images` or `image_embeds`.")
         if images is not None:
             pixel_values = self.processor(images)["pixel_values"]
-        if image_embeds is None:
-            image_embeds = self.encode_images(pixel_values)
         device = self.gate.fc1.weight.device
-        image_embeds = [embeds.to(device, torch.float32) for embeds in image_embeds]
-        per_backbone_logits = self.zero_shot_logits(image_embeds)  # (batch, num_backbones, num_labels)
-        gate_weights = self.gate(torch.cat(image_embeds, dim=-1))  # (batch, num_backbones)
-        logits = combine_logits(per_backbone_logits, gate_weights)  # (batch, num_labels)
-        loss = nn.functional.cross_entropy(logits, labels.to(device)) if labels is not None else None
+        if self.cascade is not None:
+            output = self._cascade_forward(pixel_values, image_embeds)
+        else:
+            if image_embeds is None:
+                image_embeds = self.encode_images(pixel_values)
+            image_embeds = [embeds.to(device, torch.float32) for embeds in image_embeds]
+            per_backbone_logits = self.zero_shot_logits(image_embeds)  # (batch, num_backbones, num_labels)
+            gate_weights = self.gate(torch.cat(image_embeds, dim=-1))  # (batch, num_backbones)
+            batch = len(per_backbone_logits)
+            output = CLIPEnsembleOutput(
+                logits=combine_logits(per_backbone_logits, gate_weights),  # (batch, num_labels)
+                gate_weights=gate_weights,
+                per_backbone_logits=per_backbone_logits,
+                image_embeds=tuple(image_embeds),
+                gflops=torch.full((batch,), sum(self.backbone_gflops), device=device),
+                num_backbones_run=torch.full((batch,), len(self.backbones), device=device),
+            )
+        if labels is not None:
+            output.loss = nn.functional.cross_entropy(output.logits, labels.to(device))
+        return output
+
+    def _cascade_forward(
+        self, pixel_values: Sequence[torch.Tensor] | None, image_embeds: Sequence[torch.Tensor] | None
+    ) -> CLIPEnsembleOutput:
+        """Backbones in the cascade's order, each on the images still running; an image stops at the first stage
+        whose margin reaches the threshold. Each image's logits depend on its own row only (up to float32 batching
+        differences in the backbones' matrix products). Given `image_embeds`, no backbone runs: the cascade's
+        decisions are replayed on them."""
+        device = self.gate.fc1.weight.device
+        inputs = pixel_values if image_embeds is None else image_embeds
+        if len(inputs) != len(self.backbones):
+            what = "pixel values" if image_embeds is None else "image_embeds"
+            raise ValueError(f"Got {what} for {len(inputs)} backbones, the ensemble has {len(self.backbones)}.")
+        batch, num_labels, num_backbones = len(inputs[0]), len(self.config.labels), len(self.backbones)
+        nan = float("nan")
+        embeds = [torch.full((batch, width), nan, device=device) for width in self.embed_dims]
+        per_backbone_logits = torch.full((batch, num_backbones, num_labels), nan, device=device)
+        logits = torch.empty(batch, num_labels, device=device)
+        gate_weights = torch.zeros(batch, num_backbones, device=device)
+        run = torch.zeros(batch, dtype=torch.long, device=device)
+        gflops = self.backbone_gflops
+        running = torch.arange(batch, device=device)  # images still in the cascade
+        order = self.cascade.order
+        if image_embeds is not None:  # every embedding is given: every backbone's logits too
+            embeds = [e.to(device, torch.float32) for e in image_embeds]
+            per_backbone_logits = self.zero_shot_logits(embeds)
+        for k, b in enumerate(order):
+            if image_embeds is None:
+                new = self.backbones[b].encode_images(pixel_values[b][running.to(pixel_values[b].device)])
+                embeds[b][running] = new.to(device, torch.float32)
+                head = self.zero_shot_heads[b].to(device)
+                per_backbone_logits[running, b] = self.logit_scales[b] * embeds[b][running] @ head.T
+            run[running] = k + 1
+            prefix = order[: k + 1]
+            prefix_embeds = [embeds[p][running] for p in prefix]
+            prefix_logits = per_backbone_logits[running][:, prefix]  # (running, k + 1, num_labels)
+            if k == len(order) - 1:  # the last backbone: the model's own gate over all of them
+                weights = self.gate(torch.cat([embeds[p][running] for p in range(num_backbones)], dim=-1))
+                logits[running] = combine_logits(per_backbone_logits[running], weights)
+                gate_weights[running] = weights
+                break
+            combined, weights, stop = self.cascade.stage(k, prefix_embeds, prefix_logits)
+            done = running[stop]
+            logits[done] = combined[stop]
+            gate_weights[done.unsqueeze(1), torch.tensor(prefix, device=device)] = weights[stop]
+            running = running[~stop]
+            if len(running) == 0:
+                break
+        costs = torch.tensor([0.0] + [gflops[b] for b in order], device=device).cumsum(0)  # after k backbones
         return CLIPEnsembleOutput(
-            loss=loss,
             logits=logits,
             gate_weights=gate_weights,
             per_backbone_logits=per_backbone_logits,
-            image_embeds=tuple(image_embeds),
+            image_embeds=tuple(embeds),
+            gflops=costs[run],
+            num_backbones_run=run,
         )
 
     @torch.no_grad()
-    def classify(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5) -> list[list[dict]]:
-        """Per image, the `top_k` labels with their probabilities: `[[{"label": ..., "score": ...}, ...], ...]`."""
+    def classify(
+        self, images: ImageInput | Sequence[ImageInput], top_k: int = 5, return_cost: bool = False
+    ) -> list[list[dict]] | list[dict]:
+        """Per image, the `top_k` labels with their probabilities: `[[{"label": ..., "score": ...}, ...], ...]`.
+
+        With `return_cost=True`, per image a dict: `top` (that list), `gflops` (the compute it took) and
+        `backbones_run` (the names of the backbones it needed, in run order; fewer than all when a cascade let it
+        stop early).
+        """
         was_training = self.training
         self.eval()
-        probs = self(images=images).logits.softmax(dim=-1)
+        output = self(images=images)
         self.train(was_training)
+        probs = output.logits.softmax(dim=-1)
         top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-        return [
+        predictions = [
             [{"label": self.config.labels[i], "score": float(s)} for s, i in zip(scores, indices.tolist())]
             for scores, indices in zip(top.values, top.indices)
+        ]
+        if not return_cost:
+            return predictions
+        order = self.cascade.order if self.cascade is not None else list(range(len(self.backbones)))
+        names = self.config.backbone_names
+        return [
+            {"top": top, "gflops": float(gflops), "backbones_run": [names[b] for b in order[: int(count)]]}
+            for top, gflops, count in zip(predictions, output.gflops, output.num_backbones_run)
         ]
 
     # Saving and loading: the config and the gate only (like a PEFT adapter).
@@ -281,7 +437,9 @@ class CLIPEnsembleModel(PreTrainedModel):
             raise ValueError(f"save_directory '{save_directory}' is a file; give a folder.")
         if not isinstance(evaluations, Sequence):
             evaluations = [evaluations]
-        card = build_model_card(self.config, repo_id=repo_id, evaluations=evaluations)  # checks them before writing
+        card = build_model_card(  # checks the evaluations before writing
+            self.config, repo_id=repo_id, evaluations=evaluations, backbone_gflops=self.backbone_gflops
+        )
         save_directory.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
         self.config.save_pretrained(save_directory)
@@ -290,6 +448,14 @@ class CLIPEnsembleModel(PreTrainedModel):
         partial = save_directory / f".{GATE_WEIGHTS_NAME}.partial"
         save_file(gate_state, partial, metadata={"format": "pt"})
         os.replace(partial, save_directory / GATE_WEIGHTS_NAME)
+        cascade_file = save_directory / CASCADE_WEIGHTS_NAME
+        if self.cascade is not None:
+            state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.cascade.state_dict().items()}
+            partial = save_directory / f".{CASCADE_WEIGHTS_NAME}.partial"
+            save_file(state, partial, metadata={"format": "pt"})
+            os.replace(partial, cascade_file)
+        elif cascade_file.is_file():
+            cascade_file.unlink()  # a cascade saved here before would not match this config
         card.save(save_directory / "README.md")
 
     def push_to_hub(
@@ -357,6 +523,16 @@ class CLIPEnsembleModel(PreTrainedModel):
                 raise ValueError(f"'{path}' has no {GATE_WEIGHTS_NAME}; save the ensemble with `save_pretrained`.")
         else:
             gate_file = hf_hub_download(path, GATE_WEIGHTS_NAME, **hub)
+        cascade_file = None
+        if config.cascade is not None:
+            cascade_file = os.path.join(path, CASCADE_WEIGHTS_NAME)
+            if not os.path.isdir(path):
+                cascade_file = hf_hub_download(path, CASCADE_WEIGHTS_NAME, **hub)
+            elif not os.path.isfile(cascade_file):
+                raise ValueError(
+                    f"'{path}' has a cascade in its config but no {CASCADE_WEIGHTS_NAME}; save the ensemble again "
+                    "with `save_pretrained`, or remove 'cascade' from its config.json."
+                )
         backbones, placement, main = load_backbones(
             config.backbones,
             device_map=device_map,
@@ -368,6 +544,8 @@ class CLIPEnsembleModel(PreTrainedModel):
         )
         model = cls(config, backbones)._place_gate(placement, main)
         model.load_gate(gate_file)
+        if cascade_file is not None:
+            model.cascade.load_state_dict(_load_strict(cascade_file, model.cascade.state_dict(), "cascade"))
         model.eval()
         return model
 
@@ -401,4 +579,24 @@ class CLIPEnsembleModel(PreTrainedModel):
         self.gate.load_state_dict(state, strict=True)
 
 
-__all__ = ["CLIPEnsembleModel", "CLIPEnsembleOutput", "GATE_WEIGHTS_NAME"]
+def _load_strict(file: str | os.PathLike, expected: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors `file`, checked against `expected`'s names and shapes (ValueError otherwise)."""
+    try:
+        with safe_open(file, framework="pt") as weights:
+            state = {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"The {what} file '{file}' is corrupted or not a safetensors file ({error}); re-download it or save the "
+            "ensemble again."
+        ) from error
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    mismatched = [name for name in expected if name in state and state[name].shape != expected[name].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"The {what} file '{file}' does not match the config: missing keys {missing}, unexpected keys "
+            f"{unexpected}, mis-shaped {mismatched}. It was saved by another version or another model."
+        )
+    return state
+
+
+__all__ = ["CASCADE_WEIGHTS_NAME", "CLIPEnsembleModel", "CLIPEnsembleOutput", "GATE_WEIGHTS_NAME"]

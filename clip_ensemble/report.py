@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .baselines import STACKING
-from .evaluation import ORACLE, EvaluationReport
+from .evaluation import ORACLE, EvaluationReport, compute_table
 
 REPORT_FILES = (
     "report.md",
@@ -22,6 +22,7 @@ REPORT_FILES = (
     "confusion_matrix.png",
     "accuracy.png",
     "gate_weights.png",
+    "compute_accuracy.png",
 )
 _LABEL_WIDTH = 42  # characters of a method, backbone or class name shown on a chart axis
 
@@ -133,6 +134,43 @@ def _confusion_chart(report: EvaluationReport, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+_KIND_STYLE = {  # kind of an accuracy-against-compute point -> (colour, marker)
+    "backbone": ("tab:blue", "o"),
+    "subset": ("tab:green", "s"),
+    "full": ("tab:red", "*"),
+    "cascade": ("tab:orange", "D"),
+}
+
+
+def compute_accuracy_chart(points: list[dict], path: str | os.PathLike, title: str) -> None:
+    """Top-1 against mean GFLOPs per image for `evaluation.accuracy_against_compute`'s points (each backbone, the
+    subsets, the full ensemble, the cascade at several tolerances, joined by a line)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
+    ax = fig.subplots()
+    for kind, (colour, marker) in _KIND_STYLE.items():
+        chosen = [p for p in points if p["kind"] == kind]
+        if not chosen:
+            continue
+        xs, ys = [p["gflops"] for p in chosen], [100 * p["top1"] for p in chosen]
+        if kind == "cascade":
+            line = sorted(zip(xs, ys))
+            ax.plot([x for x, _ in line], [y for _, y in line], color=colour, alpha=0.5)
+        ax.scatter(xs, ys, color=colour, marker=marker, s=90 if kind == "full" else 40, label=kind, zorder=3)
+        if kind in ("backbone", "full"):
+            for p in chosen:
+                ax.annotate(_short(p["method"], 24), (p["gflops"], 100 * p["top1"]), fontsize=8, xytext=(4, 4),
+                            textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("mean GFLOPs per image")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title, fontsize=11)
+    ax.grid(alpha=0.3)
+    if points:  # a report built by hand may have none
+        ax.legend(fontsize=9)
+    fig.savefig(path, dpi=110)
+
+
 def _percent(value: float) -> str:
     return "-" if math.isnan(value) else f"{100 * value:.1f}"
 
@@ -217,8 +255,26 @@ def _markdown(report: EvaluationReport) -> str:
         "",
         "![Confusion matrix of the gate](confusion_matrix.png)",
         "",
+        *_compute_section(report),
     ]
     return "\n".join(lines)
+
+
+def _compute_section(report: EvaluationReport) -> list[str]:
+    """Accuracy against compute: each backbone, subsets, the full ensemble, the cascade at several tolerances."""
+    if not report.compute:
+        return []
+    return [
+        "## Accuracy against compute",
+        "",
+        "Top-1 (%) and mean GFLOPs per image (image towers, measured with torch's FLOP counter); a cascade runs "
+        "backbones cheapest first and stops early on confident images.",
+        "",
+        compute_table(report.compute),
+        "",
+        "![Accuracy against compute](compute_accuracy.png)",
+        "",
+    ]
 
 
 def write_report(report: EvaluationReport, folder: str | os.PathLike) -> list[Path]:
@@ -228,7 +284,8 @@ def write_report(report: EvaluationReport, folder: str | os.PathLike) -> list[Pa
     results.json    `report.to_dict()`: every method's top-1, top-5, mean per-class recall, and the gate's choices
     per_class_accuracy.csv   label, images, then each method's top-1 accuracy on that label (fractions)
     confusion_matrix.csv     the gate's confusion matrix: row = true label, column = predicted label (counts)
-    *.png           accuracy per method, the gate's most weighted backbone, the gate's confusion matrix
+    *.png           accuracy per method, the gate's most weighted backbone, the gate's confusion matrix,
+                    accuracy against compute (backbones, subsets, full ensemble, cascade)
     """
     require_matplotlib()
     folder = Path(folder)
@@ -252,8 +309,11 @@ def write_report(report: EvaluationReport, folder: str | os.PathLike) -> list[Pa
     _accuracy_chart(report, folder / "accuracy.png")
     _gate_chart(report, folder / "gate_weights.png")
     _confusion_chart(report, folder / "confusion_matrix.png")
+    compute_accuracy_chart(
+        report.compute or [], folder / "compute_accuracy.png", f"Accuracy against compute: {report.dataset}"
+    )
     (folder / "report.md").write_text(_markdown(report))
     return [folder / name for name in REPORT_FILES]
 
 
-__all__ = ["REPORT_FILES", "check_report_folder", "require_matplotlib", "write_report"]
+__all__ = ["REPORT_FILES", "check_report_folder", "compute_accuracy_chart", "require_matplotlib", "write_report"]

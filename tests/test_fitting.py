@@ -21,7 +21,9 @@ def _features(per_backbone_accuracy: list[float], num_classes: int = 6, shots: i
     embeds, logits = [], []
     for accuracy in per_backbone_accuracy:
         right = torch.rand(len(labels), generator=generator) < accuracy
-        predicted = torch.where(right, labels, (labels + 1 + torch.randint(num_classes - 1, labels.shape)) % num_classes)
+        predicted = torch.where(
+            right, labels, (labels + 1 + torch.randint(num_classes - 1, labels.shape)) % num_classes
+        )
         logits.append(10 * torch.nn.functional.one_hot(predicted, num_classes).float())
         embeds.append(torch.nn.functional.normalize(torch.randn(len(labels), 8, generator=generator), dim=-1))
     return Features(torch.cat(embeds, -1), torch.stack(logits, 1), labels)

@@ -1,0 +1,111 @@
+"""Compute cost: forward GFLOPs per image of each backbone's image tower, measured with torch's FLOP counter."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .backbones import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, Backbone
+from .gate import EnsembleGate, combine_logits
+
+
+def input_size(backbone: Backbone) -> tuple[int, int]:
+    """(height, width) of the pixel values the backbone's own preprocessing makes."""
+    pixel_values = backbone.preprocess([Image.new("RGB", (64, 64))])  # (1, 3, H, W)
+    return int(pixel_values.shape[-2]), int(pixel_values.shape[-1])
+
+
+def measure_gflops(backbone: Backbone) -> float:
+    """Forward GFLOPs of `backbone`'s image tower on one image at its own input size (embedding included).
+
+    Counted by `torch.utils.flop_counter.FlopCounterMode`, which counts a multiply-add as 2 FLOPs, as OpenCLIP's
+    profile table does (the `image_gflops` of `hub_configs/`: 8.82 for ViT-B/32, which this measures as 8.818).
+    Only the operations it knows are counted (matrix products, convolutions, attention): normalisation and
+    activations are not, well under 1% of a CLIP. Cached on the backbone.
+    """
+    if getattr(backbone, "_measured_gflops", None) is None:  # the forward pass reads it on every call
+        height, width = input_size(backbone)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            backbone.encode_images(torch.zeros(1, 3, height, width))
+        backbone._measured_gflops = counter.get_total_flops() / 1e9
+    return backbone._measured_gflops
+
+
+def measure_gflops_from_config(name_or_path: str, revision: str | None = None) -> float:
+    """`measure_gflops` of a transformers backbone from its config alone (weights on the meta device, none read):
+    for tables of backbones that are not loaded, e.g. `clip-ensemble configs NAME --measure`."""
+    from transformers import AutoConfig, AutoModel
+
+    if name_or_path.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+        raise ValueError(f"'{name_or_path}' is an OpenCLIP backbone: load it and use `model.backbone_gflops`.")
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    size = config.vision_config.image_size
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.get_image_features(pixel_values=torch.zeros(1, 3, size, size, device="meta"))
+    return counter.get_total_flops() / 1e9
+
+
+def cost_order(gflops: list[float]) -> list[int]:
+    """Backbone indices from cheapest to dearest; equal costs keep the config's order."""
+    return sorted(range(len(gflops)), key=lambda index: (gflops[index], index))
+
+
+class Cascade(nn.Module):
+    """Backbones run cheapest first; after each of the first B - 1, a gate over the backbones run so far combines
+    their logits, and an image stops there when the combination's margin (top-1 minus top-2 logit) reaches
+    `threshold`. The others go on; after the last backbone the model's own gate decides.
+
+    `order` is the run order (backbone indices); `gates[k]` weighs the first k + 1 backbones of it. `threshold=None`
+    never stops early: the cascade then equals the full ensemble.
+    """
+
+    def __init__(
+        self,
+        embed_dims: list[int],
+        order: list[int],
+        threshold: float | None,
+        hidden_size: int = 128,
+        combination: str = "softplus",
+    ):
+        super().__init__()
+        if sorted(order) != list(range(len(embed_dims))):
+            raise ValueError(f"Cascade order {order} must list each of the {len(embed_dims)} backbones once.")
+        if threshold is not None and not threshold >= 0:
+            raise ValueError(f"Cascade threshold {threshold!r} must be a margin >= 0, or None to never stop early.")
+        self.order = list(order)
+        self.threshold = None if threshold is None else float(threshold)
+        self.gates = nn.ModuleList(
+            EnsembleGate([embed_dims[b] for b in order[: k + 1]], hidden_size, combination)
+            for k in range(len(order) - 1)
+        )
+
+    def stage(self, k: int, image_embeds: list[torch.Tensor], logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Stage `k`'s combination: embeddings of `order[:k + 1]` in run order, their logits (n, k + 1, C) ->
+        (combined logits (n, C), weights (n, k + 1), whether each image stops here (n,))."""
+        weights = self.gates[k](torch.cat(image_embeds, dim=-1))
+        combined = combine_logits(logits, weights)
+        return combined, weights, stops(combined, self.threshold)
+
+
+def margins(logits: torch.Tensor) -> torch.Tensor:
+    """(n, C) -> (n,): top-1 minus top-2 logit, how far an answer is from changing (inf with one label)."""
+    if logits.shape[-1] < 2:
+        return torch.full(logits.shape[:1], float("inf"), device=logits.device)
+    top = logits.topk(2, dim=-1).values
+    return top[:, 0] - top[:, 1]
+
+
+def stops(logits: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """(n, C) -> (n,) bool: whether an image's margin reaches `threshold` (never when it is None)."""
+    if threshold is None:
+        return torch.zeros(logits.shape[:1], dtype=torch.bool, device=logits.device)
+    return margins(logits) >= threshold
+
+
+__all__ = ["Cascade", "cost_order", "input_size", "margins", "measure_gflops", "measure_gflops_from_config", "stops"]

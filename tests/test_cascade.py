@@ -1,0 +1,183 @@
+"""The cascade: cheapest backbones first, confident images stop early; fitted by calibrate, saved and loaded."""
+
+import pytest
+import torch
+
+from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate
+from clip_ensemble.cost import Cascade, cost_order
+from clip_ensemble.modeling_clip_ensemble import CASCADE_WEIGHTS_NAME, GATE_WEIGHTS_NAME
+from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
+
+
+@pytest.fixture(scope="module")
+def cascaded(toy_backbone_dirs):
+    """A toy ensemble calibrated with a cascade at tolerance 0.05, and its calibration report."""
+    model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
+    data = toy_dataset(per_class=8, seed=3)
+    report = calibrate(model, data, shots=8, cache=FeatureCache(None), progress=False, cascade_tolerance=0.05)
+    return model, report
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    return toy_dataset(per_class=6, seed=7).images
+
+
+def _run(model, images, cascade):
+    """Logits, GFLOPs and backbones run per image with `cascade` set on `model` (restored afterwards)."""
+    saved = model.cascade, dict(model.config.cascade or {})
+    model.set_cascade(cascade)
+    try:
+        with torch.no_grad():
+            return model(images=images)
+    finally:
+        model.set_cascade(saved[0], **saved[1]) if saved[0] is not None else model.set_cascade(None)
+
+
+def test_calibrate_fits_a_cascade_cheapest_first(cascaded):
+    model, report = cascaded
+    assert model.cascade.order == cost_order(model.backbone_gflops)
+    assert [model.backbone_gflops[b] for b in model.cascade.order] == sorted(model.backbone_gflops)
+    assert report.cascade is not None and report.cascade.tolerance == 0.05
+    # The estimate honours the tolerance, and the saving is real on the calibration folds.
+    assert report.cascade.full_accuracy - report.cascade.accuracy <= 0.05 + 1e-9
+    assert report.cascade.mean_gflops <= report.cascade.full_gflops
+    assert model.config.cascade["order"] == model.cascade.order
+    assert model.config.calibration["cascade"]["tolerance"] == 0.05
+    assert "Cascade (tolerance 0.05)" in str(report)
+
+
+def test_tolerance_zero_gives_the_full_ensembles_predictions(toy_backbone_dirs, test_images):
+    model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
+    data = toy_dataset(per_class=4, seed=5)
+    report = calibrate(model, data, shots=4, cache=FeatureCache(None), progress=False, cascade_tolerance=0)
+    assert model.cascade is not None and report.cascade.threshold is None
+    with torch.no_grad():
+        cascade_out = model(images=test_images)
+    model.set_cascade(None)
+    with torch.no_grad():
+        full_out = model(images=test_images)
+    assert torch.equal(cascade_out.logits.argmax(-1), full_out.logits.argmax(-1))
+    torch.testing.assert_close(cascade_out.logits, full_out.logits)
+    assert torch.equal(cascade_out.gflops, full_out.gflops)
+    assert full_out.gflops.tolist() == pytest.approx([sum(model.backbone_gflops)] * len(test_images))
+
+
+def test_images_stopping_at_different_depths_get_the_logits_they_get_alone(cascaded, test_images):
+    model, _ = cascaded
+    # A threshold at the median margin of the first stage makes some images stop there and others go on.
+    with torch.no_grad():
+        first = model.cascade.order[0]
+        embeds = model.backbones[first].encode_images(model.processor(test_images)["pixel_values"][first])
+        logits = model.logit_scales[first] * embeds @ model.zero_shot_heads[first].T
+        top = logits.topk(2, dim=-1).values
+        threshold = float((top[:, 0] - top[:, 1]).median())
+    cascade = Cascade(model.embed_dims, model.cascade.order, threshold, model.config.gate_hidden_size)
+    cascade.load_state_dict(model.cascade.state_dict())
+    batch = _run(model, test_images, cascade)
+    assert len(set(batch.num_backbones_run.tolist())) >= 2, "the batch should stop at different depths"
+    for i, image in enumerate(test_images):
+        alone = _run(model, [image], cascade)
+        assert alone.num_backbones_run.item() == batch.num_backbones_run[i].item()
+        # Per image up to float32 batching: the backbones' matrix products may sum in another order in a batch.
+        torch.testing.assert_close(alone.logits[0], batch.logits[i], rtol=1e-5, atol=1e-5)
+        assert alone.gflops.item() == batch.gflops[i].item()
+    # Images that stopped early ran fewer backbones, paid less, and left the others' logits unset.
+    early = batch.num_backbones_run < len(model.backbones)
+    assert (batch.gflops[early] < sum(model.backbone_gflops)).all()
+    assert torch.isnan(batch.per_backbone_logits[early][:, model.cascade.order[-1]]).all()
+
+
+def test_cached_embeddings_replay_the_cascades_decisions(cascaded, test_images):
+    model, _ = cascaded
+    with torch.no_grad():
+        from_pixels = model(images=test_images)
+        embeds = model.encode_images(model.processor(test_images)["pixel_values"])
+        from_embeds = model(image_embeds=embeds)
+    assert torch.equal(from_pixels.num_backbones_run, from_embeds.num_backbones_run)
+    assert torch.equal(from_pixels.gflops, from_embeds.gflops)
+    torch.testing.assert_close(from_pixels.logits, from_embeds.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cascade_saves_and_loads_exactly(cascaded, test_images, tmp_path):
+    model, _ = cascaded
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", GATE_WEIGHTS_NAME, CASCADE_WEIGHTS_NAME, "README.md"}
+    loaded = CLIPEnsembleModel.from_pretrained(tmp_path)
+    assert loaded.config.cascade == model.config.cascade
+    assert loaded.cascade.order == model.cascade.order and loaded.cascade.threshold == model.cascade.threshold
+    for name, tensor in model.cascade.state_dict().items():
+        assert torch.equal(loaded.cascade.state_dict()[name], tensor), name
+    with torch.no_grad():
+        before, after = model(images=test_images), loaded(images=test_images)
+    assert torch.equal(before.logits, after.logits)
+    assert torch.equal(before.gflops, after.gflops)
+    # Turned off, saved again: the cascade's file goes, and the loaded model runs every backbone.
+    loaded.set_cascade(None)
+    loaded.save_pretrained(tmp_path)
+    assert not (tmp_path / CASCADE_WEIGHTS_NAME).exists()
+    reloaded = CLIPEnsembleModel.from_pretrained(tmp_path)
+    assert reloaded.cascade is None and reloaded.config.cascade is None
+
+
+def test_a_cascade_whose_weights_are_missing_names_the_fix(cascaded, tmp_path):
+    model, _ = cascaded
+    model.save_pretrained(tmp_path)
+    (tmp_path / CASCADE_WEIGHTS_NAME).unlink()
+    with pytest.raises(ValueError, match="no cascade.safetensors"):
+        CLIPEnsembleModel.from_pretrained(tmp_path)
+
+
+def test_classify_reports_cost_per_image(cascaded, test_images):
+    model, _ = cascaded
+    results = model.classify(test_images[:3], top_k=2, return_cost=True)
+    names = model.config.backbone_names
+    with torch.no_grad():
+        out = model(images=test_images[:3])
+    for result, gflops, count in zip(results, out.gflops, out.num_backbones_run):
+        assert len(result["top"]) == 2 and result["top"][0]["label"] in TOY_CLASSES
+        assert result["gflops"] == pytest.approx(float(gflops))
+        assert result["backbones_run"] == [names[b] for b in model.cascade.order[: int(count)]]
+    assert model.classify(test_images[:3], top_k=2) == [r["top"] for r in results]
+
+
+@pytest.mark.parametrize("tolerance", [-0.01, 1.5, "0.01"])
+def test_bad_tolerances_raise_before_anything_changes(toy_backbone_dirs, tolerance):
+    model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
+    gate = {name: tensor.clone() for name, tensor in model.gate.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cascade_tolerance=.*must be a fraction of top-1 in \[0, 1\)"):
+        calibrate(
+            model, toy_dataset(per_class=2, seed=3), shots=2, cache=FeatureCache(None), cascade_tolerance=tolerance
+        )
+    assert all(torch.equal(model.gate.state_dict()[name], tensor) for name, tensor in gate.items())
+    assert model.config.calibration is None
+
+
+def test_set_cascade_checks_what_it_is_given(cascaded):
+    model, _ = cascaded
+    with pytest.raises(TypeError, match="Cascade or None"):
+        model.set_cascade({"order": [0, 1, 2]})
+    with pytest.raises(ValueError, match="each of the 3 backbones once"):
+        Cascade(model.embed_dims, [0, 0, 1], 1.0)
+    with pytest.raises(ValueError, match="margin >= 0"):
+        Cascade(model.embed_dims, [0, 1, 2], -1.0)
+
+
+def test_evaluate_charts_accuracy_against_compute(cascaded, tmp_path):
+    from clip_ensemble import evaluate
+    from clip_ensemble.report import write_report
+
+    model, _ = cascaded
+    report = evaluate(model, toy_dataset(per_class=5, seed=9), cache=FeatureCache(None), progress=False)
+    kinds = {point["kind"] for point in report.compute}
+    assert kinds == {"backbone", "subset", "full", "cascade"}
+    full = next(p for p in report.compute if p["kind"] == "full")
+    assert full["gflops"] == pytest.approx(sum(model.backbone_gflops))
+    chosen = next(p for p in report.compute if p["method"].endswith("(chosen)"))
+    # The chosen point is the model as it runs: the gate row of the same evaluation, at its mean cost.
+    gate_row = next(row for row in report.rows() if row["method"] == report.gate_method)
+    assert chosen["top1"] == pytest.approx(gate_row["top1"]) and chosen["gflops"] <= full["gflops"]
+    assert model.cascade is not None and model.config.cascade["tolerance"] == 0.05  # left as it was
+    write_report(report, tmp_path / "report")
+    assert (tmp_path / "report" / "compute_accuracy.png").stat().st_size > 0
+    assert "## Accuracy against compute" in (tmp_path / "report" / "report.md").read_text()
