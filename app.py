@@ -368,10 +368,13 @@ def build_demo(
             new = split_labels(text)
             old = first if old is None else old
             files_now, aside, notice = rebind_uploads(old, new, list(files), aside)
+            # A box's value is only sent when its files changed, so that an upload in progress is never overwritten.
             updates = [
-                gr.update(value=f, label=_box_title(new[i], f), visible=True)
+                gr.update(
+                    **({} if f == list(files[i] or []) else {"value": f}), label=_box_title(new[i], f), visible=True
+                )
                 if i < len(new)
-                else gr.update(value=None, visible=False)
+                else gr.update(**({} if not files[i] else {"value": None}), visible=False)
                 for i, f in enumerate(files_now)
             ]
             summary = ensemble.upload_summary(text, files_now)
@@ -544,12 +547,14 @@ def hub_reachable(timeout_s: float = HUB_PROBE_S) -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return False
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     answer = []
 
     def probe():  # DNS can hang past any socket timeout: wait for it in a thread
         try:
-            socket.create_connection((host, 443), timeout=timeout_s).close()
+            socket.create_connection((host, port), timeout=timeout_s).close()
             answer.append(True)
         except OSError:
             pass
