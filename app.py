@@ -196,6 +196,19 @@ def rebind_uploads(
     return files_now, stash, " ".join(notices)
 
 
+def _cell_updates(names: list[str], files_now: list[list], files_before: list) -> list:
+    """Updates of the upload cells, their boxes and thumbnails for the labels `names` holding `files_now`: cells
+    beyond the labels hidden; a box's value sent only when its files changed (an upload in progress is kept)."""
+    cells, boxes, previews = [], [], []
+    for i, files in enumerate(files_now):
+        changed = files != list(files_before[i] or [])
+        cells.append(gr.update(visible=i < len(names)))
+        title = {"label": _box_title(names[i], files)} if i < len(names) else {}
+        boxes.append(gr.update(**title, **({"value": files or None} if changed else {})))
+        previews.append(gr.update(value=files) if changed else gr.update())
+    return [*cells, *boxes, *previews]
+
+
 def _browser_key(ensemble: SharedEnsemble) -> str:
     """Where the browser keeps the gate: one key per backbone set, so that a gate for other backbones is never
     offered here (it would be refused anyway)."""
@@ -243,23 +256,37 @@ def build_demo(
                 )
                 if examples:
                     use_example = gr.Button("Try the example: toy colour images", size="sm", elem_id="use-example")
-                boxes = []
+                boxes, previews, cells = [], [], []
                 first = split_labels(DEFAULT_LABELS)
                 for row in range(0, MAX_UPLOAD_LABELS, UPLOADS_PER_ROW):
                     with gr.Row(equal_height=True, elem_classes="upload-row"):
-                        boxes += [
-                            _quiet(
-                                gr.File(
-                                    file_count="multiple",
-                                    file_types=["image"],
-                                    elem_id=f"upload-{i}",
-                                    height=150,
-                                    label=_box_title(first[i], []) if i < len(first) else None,
-                                    visible=i < len(first),
+                        for i in range(row, min(row + UPLOADS_PER_ROW, MAX_UPLOAD_LABELS)):
+                            # One cell per label: the files, titled with the label and their count, and thumbnails.
+                            with gr.Column(visible=i < len(first), min_width=200) as cell:
+                                boxes.append(
+                                    _quiet(
+                                        gr.File(
+                                            file_count="multiple",
+                                            file_types=["image"],
+                                            elem_id=f"upload-{i}",
+                                            height=150,
+                                            label=_box_title(first[i], []) if i < len(first) else None,
+                                        )
+                                    )
                                 )
-                            )
-                            for i in range(row, min(row + UPLOADS_PER_ROW, MAX_UPLOAD_LABELS))
-                        ]
+                                previews.append(
+                                    gr.Gallery(
+                                        show_label=False,
+                                        columns=6,
+                                        height=72,
+                                        object_fit="contain",
+                                        allow_preview=False,
+                                        interactive=False,
+                                        elem_id=f"preview-{i}",
+                                        elem_classes="upload-preview",
+                                    )
+                                )
+                            cells.append(cell)
                 upload_note = gr.Markdown(elem_id="upload-note")
                 calibrate_uploads = gr.Button("Calibrate on the uploads", variant="primary", elem_id="calibrate")
             with gr.Tab("Hub dataset"):
@@ -346,12 +373,16 @@ def build_demo(
             return held(request).describe(split_labels(labels_text))
 
         def keep(labels_text, request: gr.Request):
-            return ensemble.to_browser(held(request), labels_text)
+            # The session id lets a reload share the gate the server still holds instead of storing a copy.
+            return {**ensemble.to_browser(held(request), labels_text), "session": request.session_hash}
 
         def on_load(payload, labels_text, request: gr.Request):
             gate, kept_labels, problem = held(request), None, ""
             if not gate.calibrated:
                 restored, kept_labels, problem = ensemble.from_browser(payload)
+                earlier = store.peek(payload.get("session")) if isinstance(payload, dict) else None
+                if restored.calibrated and earlier is not None and earlier.report == restored.report:
+                    restored = earlier  # the same gate, still held for the earlier page
                 if restored.calibrated:
                     try:
                         store.put(request.session_hash, restored)
@@ -369,32 +400,30 @@ def build_demo(
             old = first if old is None else old
             files_now, aside, notice = rebind_uploads(old, new, list(files), aside)
             # A box's value is only sent when its files changed, so that an upload in progress is never overwritten.
-            updates = [
-                gr.update(
-                    **({} if f == list(files[i] or []) else {"value": f}), label=_box_title(new[i], f), visible=True
-                )
-                if i < len(new)
-                else gr.update(**({} if not files[i] else {"value": None}), visible=False)
-                for i, f in enumerate(files_now)
-            ]
-            summary = ensemble.upload_summary(text, files_now)
-            return *updates, new[:MAX_UPLOAD_LABELS], aside, f"{notice} {summary}".strip()
+            return (
+                *_cell_updates(new, files_now, files),
+                new[:MAX_UPLOAD_LABELS],
+                aside,
+                f"{notice} {ensemble.upload_summary(text, files_now)}".strip(),
+            )
 
         labels.change(
-            on_labels, [labels, bound, stash, *boxes], [*boxes, bound, stash, upload_note], api_visibility="private"
+            on_labels,
+            [labels, bound, stash, *boxes],
+            [*cells, *boxes, *previews, bound, stash, upload_note],
+            api_visibility="private",
         ).then(refresh, labels, status, api_visibility="private")
         labels.blur(keep, labels, kept, api_visibility="private")
 
-        for i, box in enumerate(boxes):
+        for i, (box, preview) in enumerate(zip(boxes, previews)):
 
             def on_files(text, files, *all_files, i=i):
                 names = split_labels(text)
                 title = gr.update(label=_box_title(names[i], files)) if i < len(names) else gr.update()
-                return title, ensemble.upload_summary(text, all_files)
+                return title, list(files or []), ensemble.upload_summary(text, all_files)
 
-            box.upload(on_files, [labels, box, *boxes], [box, upload_note], api_visibility="private")
-            box.delete(on_files, [labels, box, *boxes], [box, upload_note], api_visibility="private")
-            box.clear(on_files, [labels, box, *boxes], [box, upload_note], api_visibility="private")
+            for event in (box.upload, box.delete, box.clear):
+                event(on_files, [labels, box, *boxes], [box, preview, upload_note], api_visibility="private")
 
         @_shown
         def on_calibrate_uploads(labels_text, boxes_labels, request: gr.Request, progress=PROGRESS, *uploads):
@@ -450,8 +479,9 @@ def build_demo(
             return gate.report, gate.describe(split_labels(labels_text))
 
         def then_keep(event):
-            """After a gate-changing event succeeds, the browser keeps the new gate."""
+            """After a gate-changing event succeeds, the browser keeps the new gate; the status follows in any case."""
             event.success(keep, labels, kept, api_visibility="private")
+            event.then(refresh, labels, status, api_visibility="private")
 
         then_keep(
             calibrate_uploads.click(
@@ -469,8 +499,12 @@ def build_demo(
         classify.click(
             on_classify, [labels, image, top_k], [top, per_backbone, weights, note], api_name="classify"
         ).then(refresh, labels, status, api_visibility="private")
-        evaluate.click(on_evaluate, [eval_dataset, eval_split, max_images], table, api_name="evaluate")
-        evaluate_zip.click(on_evaluate_zip, [eval_zip], table, api_name="evaluate_uploads")
+        evaluate.click(on_evaluate, [eval_dataset, eval_split, max_images], table, api_name="evaluate").then(
+            refresh, labels, status, api_visibility="private"
+        )
+        evaluate_zip.click(on_evaluate_zip, [eval_zip], table, api_name="evaluate_uploads").then(
+            refresh, labels, status, api_visibility="private"
+        )
         download.click(on_download, labels, archive, api_name="download_gate").then(
             refresh, labels, status, api_visibility="private"
         )
@@ -480,16 +514,13 @@ def build_demo(
             def on_example():
                 names = list(examples)
                 files = [f[:-1] for f in examples.values()] + [[]] * (MAX_UPLOAD_LABELS - len(names))
-                updates = [
-                    gr.update(value=f, label=_box_title(names[i], f), visible=True)
-                    if i < len(names)
-                    else gr.update(value=None, visible=False)
-                    for i, f in enumerate(files)
-                ]
                 text = ", ".join(names)
+                updates = _cell_updates(names, files, [None] * MAX_UPLOAD_LABELS)
                 return text, *updates, names, ensemble.upload_summary(text, files)
 
-            use_example.click(on_example, None, [labels, *boxes, bound, upload_note], api_visibility="private")
+            use_example.click(
+                on_example, None, [labels, *cells, *boxes, *previews, bound, upload_note], api_visibility="private"
+            )
     return demo
 
 

@@ -191,7 +191,14 @@ class GateStore:
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._gates)
+        """The number of distinct gates held."""
+        return len({id(gate) for gate, _ in self._gates.values()})
+
+    def peek(self, key: str) -> SessionGate | None:
+        """The gate held for `key`, if any, without counting it as used."""
+        with self._lock:
+            entry = self._gates.get(key)
+            return entry[0] if entry else None
 
     def _expire_idle(self, now: float) -> None:
         while self._gates:
@@ -224,7 +231,9 @@ class GateStore:
             if not gate.calibrated:
                 self._gates.pop(key, None)
                 return
-            if key not in self._gates and len(self._gates) >= self.max_gates:
+            # Several sessions may share one gate (a page reloaded, or opened in two tabs): it counts once.
+            held = {id(g) for g, _ in self._gates.values()}
+            if id(gate) not in held and len(held) >= self.max_gates:
                 raise ValueError(
                     f"The server holds {self.max_gates} calibrated gates already, its limit; try again later (gates "
                     "unused for a while are removed), or run the app yourself. Nothing was changed."

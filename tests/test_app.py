@@ -245,6 +245,7 @@ def test_an_expired_gate_is_reported_never_shown_as_calibrated(toy_backbone_dirs
 def test_calibrate_reload_and_classify_in_a_browser(app_url, toy_uploads, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=30_000)  # a busy machine: each step waits up to this long, none waits for nothing
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
@@ -262,6 +263,7 @@ def test_calibrate_reload_and_classify_in_a_browser(app_url, toy_uploads, tmp_pa
         expect(page.locator("#upload-0")).to_contain_text(Path(toy_uploads["teal"][0]).stem)
         expect(page.locator("#upload-3")).to_contain_text(Path(toy_uploads["green"][0]).stem)
         expect(page.locator("#upload-note")).to_contain_text("moved with their label")
+        expect(page.locator("#preview-0 img")).to_have_count(3)  # thumbnails of the box's files
         page.click("#calibrate")
         expect(page.locator("#report textarea")).to_have_value(re.compile("^Verdict: "), timeout=120_000)
         expect(page.locator("#report textarea")).to_have_value(re.compile("train accuracy 100.0%"))  # no mislabel

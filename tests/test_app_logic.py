@@ -1,5 +1,6 @@
 """The app's logic without a server: per-session gates over shared backbones, checked input, save and push."""
 
+import dataclasses
 import io
 import json
 import threading
@@ -250,25 +251,28 @@ def test_the_shared_head_cache_stays_bounded(ensemble, probe, monkeypatch):
 def test_anonymous_sessions_never_evict_a_gate_and_only_idleness_expires_one(calibrated):
     now = [0.0]
     store = GateStore(max_gates=2, idle_s=60, clock=lambda: now[0])
-    store.put("browser", calibrated)
+    mine, other, third = (dataclasses.replace(calibrated) for _ in range(3))
+    store.put("browser", mine)
     for i in range(520):  # a script's cheap requests under new session ids: they store nothing
         assert not store.get(f"script-{i}").calibrated
         store.put(f"script-{i}", SessionGate())
-    assert store.get("browser") is calibrated and len(store) == 1
-    store.put("other", calibrated)
+    assert store.get("browser") is mine and len(store) == 1
+    store.put("browser-reloaded", mine)  # the same gate for a reloaded page counts once
+    assert len(store) == 1
+    store.put("other", other)
     with pytest.raises(ValueError, match="holds 2 calibrated gates already.*Nothing was changed"):
-        store.put("third", calibrated)  # refused: nobody's gate is dropped to make room
-    assert store.get("browser") is calibrated and store.get("other") is calibrated
+        store.put("third", third)  # refused: nobody's gate is dropped to make room
+    assert store.get("browser") is mine and store.get("other") is other
     now[0] = 59.0
-    assert store.get("browser") is calibrated  # used: its idle time starts again
+    assert store.get("browser") is mine  # used: its idle time starts again
     now[0] = 100.0
-    assert store.get("browser") is calibrated
+    assert store.get("browser") is mine
     expired = store.get("other")  # unused for 100 s > 60 s
     assert not expired.calibrated and "expired after" in expired.expired
     status = expired.describe()
     assert "expired" in status and "**not calibrated**" in status and "**calibrated**" not in status
-    store.put("other", calibrated)  # calibrating again clears the notice
-    assert store.get("other") is calibrated
+    store.put("other", other)  # calibrating again clears the notice
+    assert store.get("other") is other
 
 
 def test_the_browser_copy_restores_the_gate_and_is_checked(ensemble, calibrated, probe):
