@@ -278,7 +278,8 @@ def build_demo(
                                     gr.Gallery(
                                         show_label=False,
                                         columns=6,
-                                        height=72,
+                                        fit_columns=False,  # small thumbnails even for a few files
+                                        height=130,
                                         object_fit="contain",
                                         allow_preview=False,
                                         interactive=False,
