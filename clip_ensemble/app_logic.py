@@ -167,7 +167,11 @@ class SessionGate:
         else:
             text = "Gate: **calibrated** (its calibration data is not recorded)"
         text += f", {self.source}; " if self.source else "; "
-        text += "the gate weighs the backbones per image."
+        chosen = info.get("chosen")
+        if chosen and chosen != "gate":  # calibration kept a baseline: say which, not that the gate weighs anything
+            text += f"calibration kept {chosen} (the trained gate did not beat it)."
+        else:
+            text += "the gate weighs the backbones per image."
         if self.labels and current_labels is not None and not _same_labels(self.labels, current_labels):
             text += (
                 f" It was calibrated on the labels {', '.join(self.labels)} and now serves your current labels "
@@ -266,6 +270,9 @@ def calibration_verdict(report) -> str:
     Reads the `CalibrationReport` fields defensively, so that it keeps working as the report grows (`chosen`, the
     cross-validated accuracies).
     """
+    own = getattr(report, "verdict", None)
+    if callable(own):  # the report says what calibration chose and why: that is the verdict
+        return f"Verdict: {own()}"
     backbones = dict(getattr(report, "backbone_accuracy", {}) or {})
     best_name = max(backbones, key=backbones.get) if backbones else None
     averaging = getattr(report, "mean_logits_accuracy", None)

@@ -266,7 +266,6 @@ def test_calibrate_reload_and_classify_in_a_browser(app_url, toy_uploads, tmp_pa
         expect(page.locator("#preview-0 img")).to_have_count(3)  # thumbnails of the box's files
         page.click("#calibrate")
         expect(page.locator("#report textarea")).to_have_value(re.compile("^Verdict: "), timeout=120_000)
-        expect(page.locator("#report textarea")).to_have_value(re.compile("train accuracy 100.0%"))  # no mislabel
         expect(page.locator("#status")).to_contain_text("calibrated on uploaded images")
         page.screenshot(path=tmp_path / "calibrated.png", full_page=True)
 

@@ -377,6 +377,10 @@ def test_the_calibration_report_gives_its_verdict_first(calibrated):
     assert "plain averaging 70.0%, the best backbone (a) 80.0%" in text and "the gate beats both" in text
     worse = calibration_verdict(SimpleNamespace(val_accuracy=0.5, mean_logits_accuracy=0.7, backbone_accuracy={}))
     assert "the gate does not beat it" in worse
+    own = SimpleNamespace(verdict=lambda: "Chose mean of logits: the trained gate did not beat plain averaging.")
+    assert calibration_verdict(own) == "Verdict: Chose mean of logits: the trained gate did not beat plain averaging."
+    kept = SessionGate(weights={}, calibration={"dataset": "x", "shots": 1, "images": 2, "chosen": "mean of logits"})
+    assert "calibration kept mean of logits (the trained gate did not beat it)" in kept.describe()
 
 
 def test_evaluate_on_a_zip_of_class_folders_with_a_verdict(ensemble, calibrated, tmp_path):
