@@ -1,7 +1,11 @@
 """The app's logic without a server: per-session gates over shared backbones, checked input, save and push."""
 
+import dataclasses
+import io
+import json
 import threading
 import zipfile
+from types import SimpleNamespace
 from unittest import mock
 
 import datasets
@@ -11,7 +15,15 @@ from huggingface_hub import CommitInfo, HfApi, RepoUrl
 from huggingface_hub.errors import HfHubHTTPError
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, app_logic
-from clip_ensemble.app_logic import GATE_FOLDER, SessionGate, SharedEnsemble, check_dataset_id, parse_labels
+from clip_ensemble.app_logic import (
+    GATE_FOLDER,
+    GateStore,
+    SessionGate,
+    SharedEnsemble,
+    calibration_verdict,
+    check_dataset_id,
+    parse_labels,
+)
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 LABELS = ", ".join(TOY_CLASSES)
@@ -46,10 +58,28 @@ def test_labels_are_parsed_and_checked():
 def test_dataset_ids_never_name_server_paths(tmp_path, monkeypatch):
     assert check_dataset_id(" tanganke/eurosat ") == "tanganke/eurosat"
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "photos").mkdir()
-    for path in ["photos", "/etc", "../secrets", "org/../x", "./photos", ""]:
+    (tmp_path / "photos" / "cats").mkdir(parents=True)
+    builtin = ["imagefolder", "parquet", "arrow", "json", "csv", "text", "webdataset", "audiofolder"]
+    urls = ["https://example.com/data.zip", "hf://datasets/org/name", "file:///etc/passwd", "s3://bucket/x"]
+    paths = ["photos", "photos/cats", "/etc", "../secrets", "org/../x", "./photos", "data.json", ""]
+    for name in [*builtin, *[f"{b}/x" for b in builtin], "eurosat", *urls, *paths]:
         with pytest.raises(ValueError, match="Hub dataset id"):
-            check_dataset_id(path)
+            check_dataset_id(name)
+    # An operator's allow-list replaces the rule: only the listed ids.
+    assert check_dataset_id("tanganke/eurosat", allowed=["tanganke/eurosat"]) == "tanganke/eurosat"
+    with pytest.raises(ValueError, match=r"not one of the datasets this app serves: \['tanganke/eurosat'\]"):
+        check_dataset_id("someone/else", allowed=["tanganke/eurosat"])
+
+
+def test_builtin_loaders_never_reach_datasets(ensemble, monkeypatch):
+    called = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: called.append(a))
+    for name in ["imagefolder", "parquet", "arrow", "json"]:
+        with pytest.raises(ValueError, match="builtin loaders are not accepted"):
+            ensemble.calibrate_hub(SessionGate(), name, "train", 2)
+        with pytest.raises(ValueError, match="builtin loaders are not accepted"):
+            ensemble.evaluate_hub(SessionGate(), name, "train", 10)
+    assert called == []
 
 
 def test_before_calibration_the_gate_is_plain_averaging_and_says_so(ensemble, probe):
@@ -216,3 +246,168 @@ def test_the_shared_head_cache_stays_bounded(ensemble, probe, monkeypatch):
     for i in range(3):
         ensemble.classify(SessionGate(), f"red, label{i}", probe)
     assert [labels for labels, _ in ensemble.model._head_cache] == [("red", "label1"), ("red", "label2")]
+
+
+def test_anonymous_sessions_never_evict_a_gate_and_only_idleness_expires_one(calibrated):
+    now = [0.0]
+    store = GateStore(max_gates=2, idle_s=60, clock=lambda: now[0])
+    mine, other, third = (dataclasses.replace(calibrated) for _ in range(3))
+    store.put("browser", mine)
+    for i in range(520):  # a script's cheap requests under new session ids: they store nothing
+        assert not store.get(f"script-{i}").calibrated
+        store.put(f"script-{i}", SessionGate())
+    assert store.get("browser") is mine and len(store) == 1
+    store.put("browser-reloaded", mine)  # the same gate for a reloaded page counts once
+    assert len(store) == 1
+    store.put("other", other)
+    with pytest.raises(ValueError, match="holds 2 calibrated gates already.*Nothing was changed"):
+        store.put("third", third)  # refused: nobody's gate is dropped to make room
+    assert store.get("browser") is mine and store.get("other") is other
+    now[0] = 59.0
+    assert store.get("browser") is mine  # used: its idle time starts again
+    now[0] = 100.0
+    assert store.get("browser") is mine
+    expired = store.get("other")  # unused for 100 s > 60 s
+    assert not expired.calibrated and "expired after" in expired.expired
+    status = expired.describe()
+    assert "expired" in status and "**not calibrated**" in status and "**calibrated**" not in status
+    store.put("other", other)  # calibrating again clears the notice
+    assert store.get("other") is other
+
+
+def test_the_browser_copy_restores_the_gate_and_is_checked(ensemble, calibrated, probe):
+    payload = json.loads(json.dumps(ensemble.to_browser(calibrated, "teal, red")))  # what localStorage holds
+    restored, labels_text, problem = ensemble.from_browser(payload)
+    assert problem == "" and labels_text == "teal, red"
+    assert restored.labels == list(TOY_CLASSES) and restored.report == calibrated.report
+    assert ensemble.classify(restored, LABELS, probe).top == ensemble.classify(calibrated, LABELS, probe).top
+    payload["gate"]["backbones"][1]["embed_dim"] = 999
+    broken, labels_text, problem = ensemble.from_browser(payload)
+    assert not broken.calibrated and labels_text == "teal, red"
+    assert "could not be restored" in problem and "999-d embeddings" in problem
+    assert ensemble.from_browser(None)[0] == SessionGate()  # nothing kept yet
+    only_labels = ensemble.to_browser(SessionGate(), "a, b")
+    assert "gate" not in only_labels and ensemble.from_browser(only_labels)[1] == "a, b"
+
+
+def test_a_downloaded_gate_loads_back_and_classifies_identically(ensemble, calibrated, probe, tmp_path):
+    archive = ensemble.save_zip(calibrated, LABELS, tmp_path / "out")
+    loaded = ensemble.load_gate([archive])
+    assert loaded.labels == list(TOY_CLASSES) and loaded.calibration == calibrated.calibration
+    assert "loaded from clip-ensemble-gate.zip" in loaded.describe()
+    expected = ensemble.classify(calibrated, LABELS, probe)
+    assert ensemble.classify(loaded, LABELS, probe).top == expected.top
+    with zipfile.ZipFile(archive) as zipped:
+        zipped.extractall(tmp_path)
+    folder = tmp_path / GATE_FOLDER
+    from_files = ensemble.load_gate([folder / "gate.safetensors", folder / "config.json"])
+    assert ensemble.classify(from_files, LABELS, probe).top == expected.top
+    with pytest.raises(ValueError, match=r"config.json and gate.safetensors \(got \['config.json'\]\)"):
+        ensemble.load_gate([folder / "config.json"])
+
+
+def _zip_with(config: dict, gate: bytes, path) -> str:
+    with zipfile.ZipFile(path, "w") as zipped:
+        zipped.writestr(f"{GATE_FOLDER}/config.json", json.dumps(config))
+        zipped.writestr(f"{GATE_FOLDER}/gate.safetensors", gate)
+    return str(path)
+
+
+def test_a_gate_for_other_backbones_is_refused_saying_which(ensemble, calibrated, tmp_path):
+    archive = ensemble.save_zip(calibrated, LABELS, tmp_path / "out")
+    with zipfile.ZipFile(archive) as zipped:
+        config = json.loads(zipped.read(f"{GATE_FOLDER}/config.json"))
+        gate = zipped.read(f"{GATE_FOLDER}/gate.safetensors")
+    other = json.loads(json.dumps(config))
+    other["backbones"][1]["name_or_path"] = "openai/clip-vit-base-patch32"
+    with pytest.raises(ValueError, match=r"Backbone 2 of the gate is 'openai/clip-vit-base-patch32', but 'toy-clip-1'"):
+        ensemble.load_gate([_zip_with(other, gate, tmp_path / "a.zip")])
+    wider = json.loads(json.dumps(config))
+    wider["backbones"][0]["embed_dim"] += 8
+    with pytest.raises(ValueError, match=r"\('toy-clip-0'\) of the gate has \d+-d embeddings.*--backbones"):
+        ensemble.load_gate([_zip_with(wider, gate, tmp_path / "b.zip")])
+    fewer = {**config, "backbones": config["backbones"][:2]}
+    with pytest.raises(ValueError, match="is for 2 backbones .* but 3 are loaded"):
+        ensemble.load_gate([_zip_with(fewer, gate, tmp_path / "c.zip")])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        ensemble.load_gate([_zip_with(config, b"not weights", tmp_path / "d.zip")])
+    (tmp_path / "e.zip").write_bytes(b"PK not a zip")
+    with pytest.raises(ValueError, match="'e.zip' is not a zip file"):
+        ensemble.load_gate([tmp_path / "e.zip"])
+    with pytest.raises(ValueError, match="not a Hub repo id"):
+        ensemble.load_gate(repo_id="/etc")
+    with pytest.raises(ValueError, match="Could not download the gate from the Hub repo 'me/gate'.*upload the"):
+        ensemble.load_gate(repo_id="me/gate")  # offline in the tests
+
+
+def test_a_gate_used_with_new_labels_says_so_and_saves_its_own(ensemble, calibrated, probe, tmp_path):
+    status = calibrated.describe(["cat", "dog"])
+    assert "**calibrated**" in status and "calibrated on the labels red, orange" in status
+    assert "now serves your current labels" in status
+    assert "now serves" not in calibrated.describe(list(reversed(TOY_CLASSES)))  # the same labels, reordered
+    archive = ensemble.save_zip(calibrated, "cat, dog", tmp_path)
+    with zipfile.ZipFile(archive) as zipped:
+        config = json.loads(zipped.read(f"{GATE_FOLDER}/config.json"))
+        card = zipped.read(f"{GATE_FOLDER}/README.md").decode()
+    assert config["labels"] == list(TOY_CLASSES) and config["calibration"] == calibrated.calibration
+    assert "last used with other labels: cat, dog" in card
+    assert "loaded from local folders" in card and "toy-clip-0" in card  # the toy backbones are local folders
+
+
+def test_uploads_are_summed_up_before_calibration(ensemble, toy_uploads):
+    files = [toy_uploads[name] for name in TOY_CLASSES]
+    assert ensemble.upload_summary(LABELS, files).startswith("Images per label: 'red': 3, 'orange': 3")
+    uneven = [files[0][:1], *files[1:]]
+    assert "calibration takes 1 per label (as many as the smallest), so 10 image(s) will not be used" in (
+        ensemble.upload_summary(LABELS, uneven)
+    )
+    assert "Still to upload: 'blue', 'purple'" in ensemble.upload_summary(LABELS, files[:4])
+    gate = ensemble.calibrate_uploads(SessionGate(), LABELS, uneven)
+    assert "1 images per label were used (as many as the smallest); 10 left out" in gate.report
+
+
+def test_the_calibration_report_gives_its_verdict_first(calibrated):
+    assert calibrated.report.startswith("Verdict: ")
+    assert calibrated.report.index("Verdict") < calibrated.report.index("Details:")
+    report = SimpleNamespace(
+        val_accuracy=0.9, mean_logits_accuracy=0.7, backbone_accuracy={"a": 0.8, "b": 0.6}, chosen="the gate"
+    )
+    text = calibration_verdict(report)
+    assert text.startswith("Verdict: calibration chose the gate")
+    assert "plain averaging 70.0%, the best backbone (a) 80.0%" in text and "the gate beats both" in text
+    worse = calibration_verdict(SimpleNamespace(val_accuracy=0.5, mean_logits_accuracy=0.7, backbone_accuracy={}))
+    assert "the gate does not beat it" in worse
+    own = SimpleNamespace(verdict=lambda: "Chose mean of logits: the trained gate did not beat plain averaging.")
+    assert calibration_verdict(own) == "Verdict: Chose mean of logits: the trained gate did not beat plain averaging."
+    kept = SessionGate(weights={}, calibration={"dataset": "x", "shots": 1, "images": 2, "chosen": "mean of logits"})
+    assert "calibration kept mean of logits (the trained gate did not beat it)" in kept.describe()
+
+
+def test_evaluate_on_a_zip_of_class_folders_with_a_verdict(ensemble, calibrated, tmp_path):
+    data = toy_dataset(per_class=3, seed=21)
+    archive = tmp_path / "mine.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for i, (image, label) in enumerate(zip(data.images, data.labels)):
+            encoded = io.BytesIO()
+            image.save(encoded, format="PNG")
+            zipped.writestr(f"photos/{TOY_CLASSES[label]}/{i}.png", encoded.getvalue())
+    report = ensemble.evaluate_uploads(calibrated, "", archive=archive)
+    assert len(report.labels) == 18 and sorted(report.label_names) == sorted(TOY_CLASSES)
+    text = app_logic.verdict(report)
+    assert text.startswith("**Verdict on 18 images:** the gate scores")
+    assert "plain averaging" in text and "toy-clip-0" in text and "treat small differences as noise" in text
+    with zipfile.ZipFile(tmp_path / "flat.zip", "w") as zipped:
+        zipped.writestr("1.png", b"x")
+    with pytest.raises(ValueError, match="one folder of images per label"):
+        ensemble.evaluate_uploads(calibrated, "", archive=tmp_path / "flat.zip")
+    with zipfile.ZipFile(tmp_path / "bad.zip", "w") as zipped:
+        zipped.writestr("red/1.png", b"not a png")
+        zipped.writestr("teal/2.png", b"not a png")
+    with pytest.raises(ValueError, match="'red/1.png' in the zip is not an image"):
+        ensemble.evaluate_uploads(calibrated, "", archive=tmp_path / "bad.zip")
+
+
+def test_the_backbone_list_names_backbones_not_server_paths(ensemble, toy_backbone_dirs):
+    text = ensemble.describe()
+    assert "`toy-clip-0`" in text and "(a local folder)" in text
+    assert all(folder not in text for folder in toy_backbone_dirs)
