@@ -2,7 +2,7 @@
 
 Features are synthetic (random class prototypes per backbone, noisy image embeddings, zero-shot heads of
 different quality per backbone) so the benchmark runs offline; the gate, its inputs and its training loop are
-the ones `calibrate` uses. Prints a table and saves it to benchmarks/results/gate_training.md.
+the ones `calibrate` uses. Prints a table; with --save, saves it to benchmarks/results/gate_training.md.
 
     python benchmarks/gate_training.py
 """
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "gate_training.md"))
+    parser.add_argument("--save", action="store_true", help="also write the table to --output")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -100,10 +101,11 @@ def main() -> None:
     ]
     table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     print(table)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(
-        f"# Gate training on cached features\n\n`python benchmarks/gate_training.py`\n\n{table}\n"
-    )
+    if args.save:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(
+            f"# Gate training on cached features\n\n`python benchmarks/gate_training.py`\n\n{table}\n"
+        )
 
 
 if __name__ == "__main__":
