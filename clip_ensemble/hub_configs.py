@@ -58,15 +58,15 @@ def _config_file(name_or_file: str | os.PathLike) -> Path:
     path = CONFIG_DIR / f"{name_or_file}.json"
     if not path.is_file():
         raise ValueError(
-            f"Unknown backbone set '{name_or_file}';{_did_you_mean(str(name_or_file))} choose one of "
-            f"{list_configs()} or pass the path of a .json file."
+            f"Unknown backbone set '{name_or_file}'; choose one of {list_configs()} or pass the path of a .json "
+            f"file.{_did_you_mean(str(name_or_file))}"
         )
     return path
 
 
 def _did_you_mean(name: str) -> str:
     close = difflib.get_close_matches(name, list_configs(), n=3, cutoff=0.6)
-    return f" did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def _type_name(expected: type | tuple[type, ...]) -> str:
@@ -141,8 +141,8 @@ def _check_backbone(value: str, sets: list[str]) -> None:
     elif "/" not in value and not Path(value).expanduser().exists():
         # CLIP repo ids are "org/name": a bare word is a set name or a folder, mistyped.
         raise ValueError(
-            f"'{value}' is not a backbone set, an existing folder or a Hub repo id ('org/name');"
-            f"{_did_you_mean(value)} `clip-ensemble configs` lists the sets: {sets}."
+            f"'{value}' is not a backbone set, an existing folder or a Hub repo id ('org/name').{_did_you_mean(value)} "
+            f"`clip-ensemble configs` lists the sets: {sets}."
         )
     else:
         check_path_or_hub_id(value, "backbone")

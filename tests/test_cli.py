@@ -69,7 +69,7 @@ def test_missing_paths_and_mistyped_names_are_named_before_any_hub_call(
     output = ["--output", str(tmp_path / "gate")]
     assert main(["calibrate", "--backbones", "openai-vitt", "--dataset", str(image_folder), *output]) == 2
     err = capsys.readouterr().err
-    assert "'openai-vitt' is not a backbone set" in err and "did you mean 'openai-vit'" in err
+    assert "'openai-vitt' is not a backbone set" in err and "Did you mean 'openai-vit'" in err
     assert "`clip-ensemble configs`" in err
     assert main(["calibrate", "--backbones", *toy_backbone_dirs, "--dataset", "./no-such-folder", *output]) == 2
     assert "The dataset folder './no-such-folder' does not exist" in capsys.readouterr().err
@@ -80,7 +80,7 @@ def test_missing_paths_and_mistyped_names_are_named_before_any_hub_call(
     assert main(["calibrate", "--backbones", "org/a b", "--dataset", "x", *output]) == 2
     assert "neither an existing folder nor a valid Hub repo id" in capsys.readouterr().err
     assert main(["configs", "paper-openai"]) == 2
-    assert "did you mean 'paper-openai-9'" in capsys.readouterr().err
+    assert "Did you mean 'paper-openai-9'" in capsys.readouterr().err
     assert not (tmp_path / "gate").exists()
 
 
@@ -128,7 +128,7 @@ print(sorted({m.split(".")[0] for m in sys.modules} & set(heavy)))
     result = _run_python(code)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
-    assert "did you mean 'openai-vit'" in result.stderr
+    assert "Did you mean 'openai-vit'" in result.stderr
 
 
 def test_an_unreachable_hub_fails_at_once_with_the_offline_fix(tmp_path):
