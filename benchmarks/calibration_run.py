@@ -3,7 +3,7 @@
 The backbones have the architectures of openai/clip-vit-base-patch32 and -patch16 (CLIP's default config and
 patch 16) with random weights, so the compute is real and the run is offline; the images are toy images resized
 to 224 px. The second run over the same images reads every embedding from the feature cache.
-Prints a table and saves it to benchmarks/results/calibration_run.md.
+Prints a table; with --save, saves it to benchmarks/results/calibration_run.md.
 
     python benchmarks/calibration_run.py
 """
@@ -40,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "calibration_run.md"))
+    parser.add_argument("--save", action="store_true", help="also write the table to --output")
     args = parser.parse_args()
 
     backbones = [vit_b_backbone(name, patch) for name, patch in ARCHITECTURES.items()]
@@ -68,8 +69,11 @@ def main() -> None:
     ]
     table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     print(table)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(f"# A calibration run, split\n\n`python benchmarks/calibration_run.py`\n\n{table}\n")
+    if args.save:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(
+            f"# A calibration run, split\n\n`python benchmarks/calibration_run.py`\n\n{table}\n"
+        )
 
 
 if __name__ == "__main__":

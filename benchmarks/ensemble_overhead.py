@@ -8,7 +8,7 @@ to back; the overhead is the median over rounds of (ensemble / sum of the backbo
 drifts in the machine's speed; times are medians over rounds. The last column times the ensemble's own work alone
 (`model(image_embeds=...)`: zero-shot logits, gate, combination), a floor for the overhead that load does not blur.
 Target: overhead at most 5%.
-Prints a table and saves it to benchmarks/results/ensemble_overhead.md.
+Prints a table; with --save, saves it to benchmarks/results/ensemble_overhead.md.
 
     python benchmarks/ensemble_overhead.py
 """
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "ensemble_overhead.md"))
+    parser.add_argument("--save", action="store_true", help="also write the table to --output")
     args = parser.parse_args()
 
     rows = [measure(getattr(torch, dtype), args.batch_size, args.rounds) for dtype in args.dtypes]
@@ -97,7 +98,11 @@ def main() -> None:
         )
     setup = f"{names} (random weights), {args.batch_size} images of 224 px, {args.rounds} rounds"
     save_result(
-        args.output, "Ensemble forward overhead", "python benchmarks/ensemble_overhead.py", setup, "\n".join(lines)
+        args.output if args.save else None,
+        "Ensemble forward overhead",
+        "python benchmarks/ensemble_overhead.py",
+        setup,
+        "\n".join(lines),
     )
 
 

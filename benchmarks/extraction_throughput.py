@@ -5,7 +5,7 @@ One ViT-B/32 backbone (random weights, benchmarks/realistic_clips.py) embeds an 
 (what `accelerate launch --multi_gpu --num_processes N` runs too), each process with the given number of CPU
 threads (OMP_NUM_THREADS): one process with every core, one with a single thread, and two with one thread each.
 Throughput is images embedded by all processes per second of the slowest one's embedding loop (as the command reports
-it); wall time includes starting the processes, importing and loading. Prints a table and saves it to benchmarks/results/extraction_throughput.md.
+it); wall time includes starting the processes, importing and loading. Prints a table; with --save, saves it to benchmarks/results/extraction_throughput.md.
 
     python benchmarks/extraction_throughput.py
 """
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--runs", nargs="+", default=["1x2", "1x1", "2x1"], help="processes x threads each, e.g. 2x1")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "extraction_throughput.md"))
+    parser.add_argument("--save", action="store_true", help="also write the table to --output")
     args = parser.parse_args()
 
     rows = []
@@ -76,7 +77,9 @@ def main() -> None:
         )
     setup = f"ViT-B/32 (random weights, float32), {args.images} images of 224 px, batch {args.batch_size}"
     title = "Feature extraction with 1 and 2 processes"
-    save_result(args.output, title, "python benchmarks/extraction_throughput.py", setup, "\n".join(lines))
+    save_result(
+        args.output if args.save else None, title, "python benchmarks/extraction_throughput.py", setup, "\n".join(lines)
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ so memory already freed (the text towers' activations) is not counted as held; t
 what the process holds in RAM whoever allocated it (torch's CPU allocator, memory-mapped files, Python), so unlike
 tracemalloc it sees tensor storage. Weights: the bytes of every parameter and buffer of the loaded backbones.
 Backbones: ViT-B/32 architectures with random weights (benchmarks/realistic_clips.py), saved once to a temporary
-folder. Prints a table and saves it to benchmarks/results/loading_memory.md.
+folder. Prints a table; with --save, saves it to benchmarks/results/loading_memory.md.
 
     python benchmarks/loading_memory.py
 """
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--backbones", type=int, nargs="+", default=[1, 2, 3], help="ensemble sizes to measure")
     parser.add_argument("--device-maps", nargs="+", default=["none", "auto"], help="'none': plain loading")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "loading_memory.md"))
+    parser.add_argument("--save", action="store_true", help="also write the table to --output")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -103,7 +104,13 @@ def main() -> None:
             f"{m['peak'] / mib:.0f} | {m['peak'] / m['weights']:.3f} |"
         )
     setup = "ViT-B/32 (random weights, float32) x B"
-    save_result(args.output, "Memory while loading", "python benchmarks/loading_memory.py", setup, "\n".join(lines))
+    save_result(
+        args.output if args.save else None,
+        "Memory while loading",
+        "python benchmarks/loading_memory.py",
+        setup,
+        "\n".join(lines),
+    )
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """The paper's main comparison (arXiv:2405.17139): for a backbone set and a list of datasets, calibrate a gate on
 k = 1, 2, 4, 8, 16 labelled images per class and score it on the test split beside the best single backbone (chosen
-on the same k-shot data), the mean of logits and the oracle. Prints the table and saves it as Markdown and JSON
-under benchmarks/results/.
+on the same k-shot data), the mean of logits and the oracle. Prints the table; with --save, saves it as Markdown and
+JSON under benchmarks/results/ (or --output-dir).
 
 Datasets are Hub ids (or local folders that `datasets.load_dataset` reads, e.g. `train/<class>/*.png` and
 `test/<class>/*.png`), given as `ID`, `ID:TRAIN_SPLIT:TEST_SPLIT`, or a .json file listing objects with `id` and
 optionally `train_split`, `test_split`, `image_column`, `label_column`. Backbones run on the GPU when there is one;
 their image embeddings go to the feature cache, so a second run (or more seeds) embeds nothing again.
 
-    python benchmarks/reproduce_paper.py --backbones paper-openai-9 tanganke/eurosat:train:test
+    python benchmarks/reproduce_paper.py --backbones paper-openai-9 tanganke/eurosat:train:test --save
 """
 
 from __future__ import annotations
@@ -190,15 +190,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cache-dir", help="feature cache folder (default: $HF_HOME/clip_ensemble/features)")
     parser.add_argument("--output-dir", default=str(RESULTS))
+    parser.add_argument("--save", action="store_true", help="also write the table and the runs to --output-dir")
     args = parser.parse_args(argv)
 
     cache = FeatureCache(args.cache_dir) if args.cache_dir else FeatureCache()
     specs = parse_datasets(args.datasets)
     results = run(args.backbones, specs, tuple(args.shots), tuple(args.seeds), cache, args.batch_size)
     command = "python benchmarks/reproduce_paper.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    markdown, data = write_results(args.backbones, results, args.output_dir, command)
     print(format_table(summarise(results)))
-    print(f"\nWrote {markdown} and {data}")
+    if args.save:
+        markdown, data = write_results(args.backbones, results, args.output_dir, command)
+        print(f"\nWrote {markdown} and {data}")
 
 
 if __name__ == "__main__":

@@ -18,12 +18,16 @@ def machine() -> str:
     )
 
 
-def save_result(output: str | Path, title: str, command: str, setup: str, table: str) -> None:
-    """Print `setup` and `table`; write them under `title` with `command` to `output`."""
+def save_result(output: str | Path | None, title: str, command: str, setup: str, table: str) -> None:
+    """Print `setup` and `table`; write them under `title` with `command` to `output`, unless it is None (the
+    benchmarks pass it only with `--save`, so that a run does not rewrite the results kept in the repo)."""
     text = f"{setup}\n{machine()}\n\n{table}"
     print(text)
+    if output is None:
+        return
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(f"# {title}\n\n`{command}`\n\n{text}\n")
+    print(f"Saved to {output}")
 
 
 __all__ = ["machine", "save_result"]

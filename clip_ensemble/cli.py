@@ -1,4 +1,8 @@
-"""The `clip-ensemble` command line: calibrate, evaluate, predict, extract features, and an offline demo."""
+"""The `clip-ensemble` command line: calibrate, evaluate, predict, extract features, and an offline demo.
+
+Heavy modules (torch, transformers, datasets) are imported inside the commands, after the arguments are parsed:
+`--help` and argument errors answer at once. Names of sets, folders and Hub ids are checked before any Hub call.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,12 @@ examples:
   clip-ensemble calibrate --backbones ./clip-a ./clip-b --dataset ./photos --shots 2 --output my-gate \\
       --push-to-hub me/my-gate
   clip-ensemble evaluate eurosat-gate --dataset tanganke/eurosat --split test --report eurosat-report
+  clip-ensemble evaluate eurosat-gate --dataset tanganke/eurosat --split test --clip-benchmark-json results/
   clip-ensemble predict eurosat-gate photo1.jpg photo2.png --top-k 3
-  accelerate launch --num_processes 2 -m clip_ensemble.cli extract-features --backbones openai-vit \
+  accelerate launch --multi_gpu --num_processes 2 -m clip_ensemble.cli extract-features --backbones openai-vit \\
       --dataset tanganke/eurosat --cache-dir /shared/features
+
+offline (no Hub access): HF_HUB_OFFLINE=1 clip-ensemble ... uses what the Hugging Face cache holds.
 """
 
 
@@ -60,8 +67,42 @@ def _columns(args) -> dict[str, str]:
 
 def _load_data(args):
     from .data import load_labelled_data
+    from .sources import OFFLINE_FIX
 
-    return load_labelled_data(args.dataset, split=args.split, **_columns(args))
+    try:
+        return load_labelled_data(args.dataset, split=args.split, **_columns(args))
+    except ConnectionError as error:  # `datasets`: offline and not in the cache, or no answer from the Hub
+        raise ValueError(
+            f"The dataset '{args.dataset}' is not a local folder and could not be loaded from the Hub ({error}). "
+            f"Check the name, or give a folder with one sub-folder of images per class. Offline: {OFFLINE_FIX}"
+        ) from None
+
+
+def _check_dataset(args) -> None:
+    """The dataset argument, checked before any backbone is loaded: a missing folder is said to be one."""
+    from .sources import check_path_or_hub_id
+
+    check_path_or_hub_id(args.dataset, "dataset")
+
+
+def _check_model(name: str) -> None:
+    """A saved ensemble's folder or Hub id, checked before loading: missing folder, malformed id, unreachable Hub."""
+    from .sources import check_path_or_hub_id, require_hub
+
+    check_path_or_hub_id(name, "model")
+    if not Path(name).expanduser().exists():
+        require_hub([name])
+
+
+def _resolve_backbones(values: list[str]) -> list:
+    """Set names, folders and repo ids checked (`hub_configs.resolve_backbones`), then the Hub reached once."""
+    from .hub_configs import resolve_backbones
+    from .sources import require_hub
+
+    backbones = resolve_backbones(values)
+    names = [b["name_or_path"] if isinstance(b, dict) else b for b in backbones]
+    require_hub([n.removeprefix("hf-hub:") for n in names if not Path(n.removeprefix("local-dir:")).exists()])
+    return backbones
 
 
 def _cache(args):
@@ -71,14 +112,16 @@ def _cache(args):
 
 
 def _calibrate(args) -> None:
+    backbones = _resolve_backbones(args.backbones)
+    _check_dataset(args)
+
     from .calibration import calibrate
     from .evaluation import evaluate
-    from .hub_configs import resolve_backbones
     from .modeling_clip_ensemble import CLIPEnsembleModel
 
     data = _load_data(args)
     model = CLIPEnsembleModel.from_backbones(
-        resolve_backbones(args.backbones),
+        backbones,
         labels=data.label_names,
         templates=args.templates,
         combination=args.combination,
@@ -113,6 +156,11 @@ def _calibrate(args) -> None:
 
 
 def _evaluate(args) -> None:
+    _check_model(args.model)
+    _check_dataset(args)
+    if args.clip_benchmark_json and Path(args.clip_benchmark_json).is_file():
+        raise ValueError(f"--clip-benchmark-json '{args.clip_benchmark_json}' is a file; give a folder.")
+
     from .evaluation import evaluate
     from .modeling_clip_ensemble import CLIPEnsembleModel
 
@@ -130,6 +178,13 @@ def _evaluate(args) -> None:
     if args.json:
         report.to_json(args.json)
         print(f"Wrote {args.json}")
+    if args.clip_benchmark_json:
+        from .clip_benchmark import write_clip_benchmark_results
+
+        paths = write_clip_benchmark_results(
+            report, args.clip_benchmark_json, pretrained=args.model, dataset=args.clip_benchmark_dataset
+        )
+        print(f"Wrote {len(paths)} CLIP_benchmark result files (one per method) to {args.clip_benchmark_json}")
     if args.report:
         from .report import write_report
 
@@ -152,16 +207,37 @@ def _support(args, model):
     return data.subset(sample_few_shot(data, calibration["shots"], calibration["seed"]), name=data.name)
 
 
-def _predict(args) -> None:
-    from .modeling_clip_ensemble import CLIPEnsembleModel
+def _predict(args) -> int:
+    """Classify every readable image; each unreadable one is reported (stderr, and in --json as an error entry)
+    and makes the exit status 1."""
+    _check_model(args.model)
 
-    model = CLIPEnsembleModel.from_pretrained(args.model)
-    predictions = model.classify(args.images, top_k=args.top_k)
+    from .modeling_clip_ensemble import CLIPEnsembleModel
+    from .processing_clip_ensemble import load_image
+
+    images, errors = {}, {}
+    for path in args.images:
+        try:
+            images[path] = load_image(path, name="image")
+        except ValueError as error:
+            errors[path] = str(error)
+            print(f"error: {path}: {error}", file=sys.stderr)
+    results: dict[str, list[dict] | dict] = {}
+    if images:
+        model = CLIPEnsembleModel.from_pretrained(args.model)
+        results.update(zip(images, model.classify(list(images.values()), top_k=args.top_k)))
+    results.update({path: {"error": message} for path, message in errors.items()})
+    ordered = {path: results[path] for path in dict.fromkeys(args.images)}
     if args.json:
-        print(json.dumps(dict(zip(args.images, predictions)), indent=2))
-        return
-    for image, top in zip(args.images, predictions):
-        print(f"{image}: " + ", ".join(f"{p['label']} ({100 * p['score']:.1f}%)" for p in top))
+        print(json.dumps(ordered, indent=2))
+    else:
+        for path, top in ordered.items():
+            if path in images:
+                print(f"{path}: " + ", ".join(f"{p['label']} ({100 * p['score']:.1f}%)" for p in top))
+    if errors:
+        print(f"error: {len(errors)} of {len(ordered)} images could not be read.", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _demo(args) -> None:
@@ -195,13 +271,15 @@ def _demo(args) -> None:
 
 
 def _extract_features(args) -> None:
+    backbones = _resolve_backbones(args.backbones)
+    _check_dataset(args)
+
     from accelerate import PartialState
 
     from .extraction import extract_features
-    from .hub_configs import resolve_backbones
 
     report = extract_features(
-        resolve_backbones(args.backbones),
+        backbones,
         args.dataset,
         split=args.split,
         cache=_cache(args),
@@ -249,7 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--shots", type=int, default=4, help="labelled images per class (default: 4)")
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the k-shot draw and the gate (default: 0)")
     calibrate.add_argument("--templates", default="short", help="prompt template set (default: short)")
-    calibrate.add_argument("--combination", default="softplus", choices=["softplus", "softmax", "top1"])
+    calibrate.add_argument(
+        "--combination",
+        default="softplus",
+        choices=["softplus", "softmax", "top1"],
+        help="how the gate combines the backbones' logits: softplus (a learned inverse temperature per backbone, "
+        "the paper's), softmax (a convex mixture) or top1 (the largest weight only, at inference) "
+        "(default: softplus)",
+    )
     calibrate.add_argument("--output", required=True, help="folder for config.json, gate.safetensors, README.md")
     calibrate.add_argument("--eval-split", help="also evaluate on this split of the dataset")
     calibrate.add_argument(
@@ -272,6 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     evaluate.add_argument(
+        "--clip-benchmark-json",
+        metavar="DIR",
+        help="also write one CLIP_benchmark result file per method (each backbone, baseline, the gate) to DIR, "
+        "for `clip_benchmark build`",
+    )
+    evaluate.add_argument(
+        "--clip-benchmark-dataset",
+        metavar="NAME",
+        help="the dataset name in those files, e.g. CLIP_benchmark's 'wds/vtab/eurosat' (default: --dataset)",
+    )
+    evaluate.add_argument(
         "--report",
         metavar="DIR",
         help="also write a report folder: Markdown, JSON, per-class accuracy, confusion matrix, charts "
@@ -281,14 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="classify images with a saved ensemble")
     predict.add_argument("model", help="a saved ensemble: folder or Hub repo id")
-    predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--top-k", type=int, default=5)
-    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.add_argument("images", nargs="+", help="image files; unreadable ones are reported, the others classified")
+    predict.add_argument("--top-k", type=int, default=5, help="labels to show per image (default: 5)")
+    predict.add_argument("--json", action="store_true", help="print JSON: image -> top labels, or {'error': ...}")
     predict.set_defaults(run=_predict)
 
     extract = commands.add_parser(
         "extract-features",
-        help="embed a dataset with every backbone into the feature cache; run under `accelerate launch` to split it",
+        help="embed a dataset with every backbone into the feature cache; run under `accelerate launch --multi_gpu "
+        "--num_processes N` (or `torchrun --nproc_per_node N`) to split it over N processes, on CPU too",
     )
     _add_backbones_argument(extract)
     _add_data_arguments(extract, default_split="train")
@@ -304,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     configs.set_defaults(run=_configs)
 
     demo = commands.add_parser("demo", help="offline demo on toy backbones trained in seconds")
-    demo.add_argument("--shots", type=int, default=4)
+    demo.add_argument("--shots", type=int, default=4, help="labelled images per class to calibrate on (default: 4)")
     demo.add_argument("--output", default="clip-ensemble-demo", help="where to save the calibrated gate")
     demo.add_argument("--workdir", help="where to keep the toy backbones")
     demo.set_defaults(run=_demo)
@@ -314,11 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        status = args.run(args)
     except (ValueError, TypeError, OSError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .processing_clip_ensemble import ImageInput
+from .sources import check_path_or_hub_id, require_hub
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _IMAGE_COLUMNS = ("image", "img", "picture", "pixel_values")
@@ -121,6 +122,8 @@ def from_hub_dataset(
 
     name = dataset if isinstance(dataset, str) else None
     if isinstance(dataset, str):
+        check_path_or_hub_id(dataset, "dataset")
+        require_hub([dataset])
         dataset = datasets.load_dataset(dataset, split=split)
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
@@ -151,6 +154,8 @@ def load_labelled_data(source, split: str = "train", **columns) -> LabelledImage
         return source
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         return from_image_folder(source)
+    if isinstance(source, os.PathLike):  # a missing folder: said so by `from_hub_dataset`'s check
+        source = str(source)
     return from_hub_dataset(source, split=split, **columns)
 
 

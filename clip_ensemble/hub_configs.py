@@ -15,13 +15,19 @@ says why; figures are never guessed), and optionally `profile` (the row of OpenC
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .backbones import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
+from .sources import check_path_or_hub_id
+
+# `clip_ensemble.backbones.HF_HUB_PREFIX` and `LOCAL_DIR_PREFIX` (OpenCLIP ids), spelt here so that listing and
+# resolving sets imports no torch: `clip-ensemble configs` and argument errors answer at once.
+HF_HUB_PREFIX = "hf-hub:"
+LOCAL_DIR_PREFIX = "local-dir:"
 
 # The repo's top-level hub_configs/, linked into the package so that a wheel ships it too.
 CONFIG_DIR = Path(__file__).parent / "_hub_configs"
@@ -52,9 +58,15 @@ def _config_file(name_or_file: str | os.PathLike) -> Path:
     path = CONFIG_DIR / f"{name_or_file}.json"
     if not path.is_file():
         raise ValueError(
-            f"Unknown backbone set '{name_or_file}'; choose one of {list_configs()} or pass the path of a .json file."
+            f"Unknown backbone set '{name_or_file}'; choose one of {list_configs()} or pass the path of a .json "
+            f"file.{_did_you_mean(str(name_or_file))}"
         )
     return path
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, list_configs(), n=3, cutoff=0.6)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def _type_name(expected: type | tuple[type, ...]) -> str:
@@ -115,11 +127,39 @@ def backbone_entries(name_or_file: str | os.PathLike) -> list[dict[str, str | No
     ]
 
 
+def _check_backbone(value: str, sets: list[str]) -> None:
+    """A ValueError for a value of `--backbones` that cannot be a backbone, before any Hub call."""
+    if value in sets:
+        raise ValueError(
+            f"'{value}' is a backbone set: give it alone (`--backbones {value}`), or list repo ids and folders."
+        )
+    if value.startswith(HF_HUB_PREFIX):
+        check_path_or_hub_id(value[len(HF_HUB_PREFIX) :], "OpenCLIP backbone")
+    elif value.startswith(LOCAL_DIR_PREFIX):
+        if not Path(value[len(LOCAL_DIR_PREFIX) :]).expanduser().is_dir():
+            raise ValueError(f"The OpenCLIP backbone folder '{value[len(LOCAL_DIR_PREFIX) :]}' does not exist.")
+    elif "/" not in value and not Path(value).expanduser().exists():
+        # CLIP repo ids are "org/name": a bare word is a set name or a folder, mistyped.
+        raise ValueError(
+            f"'{value}' is not a backbone set, an existing folder or a Hub repo id ('org/name').{_did_you_mean(value)} "
+            f"`clip-ensemble configs` lists the sets: {sets}."
+        )
+    else:
+        check_path_or_hub_id(value, "backbone")
+
+
 def resolve_backbones(values: Sequence[str]) -> list[str | dict[str, str | None]]:
-    """What `--backbones` takes, for `from_backbones`: one curated set name or .json file, or repo ids and folders."""
+    """What `--backbones` takes, for `from_backbones`: one curated set name or .json file, or repo ids and folders.
+
+    Checked without any Hub call: an unknown set name (with the close ones), a missing folder or a malformed repo
+    id raises a ValueError.
+    """
     values = list(values)
-    if len(values) == 1 and (values[0] in list_configs() or values[0].endswith(".json")):
+    sets = list_configs()
+    if len(values) == 1 and (values[0] in sets or values[0].endswith(".json")):
         return backbone_entries(values[0])
+    for value in values:
+        _check_backbone(value, sets)
     return values
 
 

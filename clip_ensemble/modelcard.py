@@ -24,6 +24,17 @@ def _is_repo_id(name: str) -> bool:
     return "/" in name
 
 
+def _calibration_rows(calibration: dict) -> list[str]:
+    """Table rows of the calibration settings; a dict value (e.g. accuracy per backbone) gets one row per entry."""
+    rows = []
+    for key, value in calibration.items():
+        entries = value.items() if isinstance(value, dict) else [(None, value)]
+        for name, item in entries:
+            label = key if name is None else f"{key}: `{name}`"
+            rows.append(f"| {label} | {str(item).replace('|', '&#124;')} |")
+    return rows
+
+
 def eval_results(report: EvaluationReport) -> list[EvalResult]:
     """The gate's top-1 and top-5 accuracy and mean per-class recall on the report's dataset (fractions), as the
     Hub's model-index entries."""
@@ -102,7 +113,7 @@ def build_model_card(
         labels += f", ... ({len(config.labels) - _MAX_LABELS_SHOWN} more)"
     templates = config.templates if isinstance(config.templates, str) else f"{len(config.templates)} custom"
     if config.calibration:
-        calibration = "\n".join(f"| {key} | {value} |" for key, value in config.calibration.items())
+        calibration = "\n".join(_calibration_rows(config.calibration))
         calibration = f"| | |\n|---|---|\n{calibration}"
     else:
         calibration = "Not calibrated: the gate gives every backbone the same weight (plain logit averaging)."

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -26,12 +29,21 @@ def test_calibrate_evaluate_predict(toy_backbone_dirs, image_folder, tmp_path, c
     assert main([*calibrate, "--output", str(output)]) == 0
     assert "2 shots per class" in capsys.readouterr().out
     assert {p.name for p in output.iterdir()} == {"config.json", "gate.safetensors", "README.md"}
-    assert "model-index:" in (output / "README.md").read_text()  # the evaluation, in the card
+    card = (output / "README.md").read_text()
+    assert "model-index:" in card  # the evaluation, in the card
+    assert "| backbone_accuracy: `" in card and "{'" not in card  # a dict setting as rows, not a Python dict
     assert CLIPEnsembleModel.from_pretrained(output).labels == sorted(TOY_CLASSES)
 
-    assert main(["evaluate", str(output), *args, "--json", str(tmp_path / "r.json")]) == 0
+    benchmark = tmp_path / "clip-benchmark"
+    evaluate = ["evaluate", str(output), *args, "--json", str(tmp_path / "r.json")]
+    assert main([*evaluate, "--clip-benchmark-json", str(benchmark), "--clip-benchmark-dataset", "photos"]) == 0
     assert "| gate |" in capsys.readouterr().out
-    assert json.loads((tmp_path / "r.json").read_text())["num_images"] == 36
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["num_images"] == 36
+    # One CLIP_benchmark file per method of the table, whatever methods it has.
+    exported = [json.loads(p.read_text()) for p in sorted(benchmark.iterdir())]
+    assert sorted(r["model"] for r in exported) == sorted(row["method"] for row in results["results"])
+    assert {(r["dataset"], r["pretrained"]) for r in exported} == {("photos", str(output))}
 
     image = next((image_folder / "teal").iterdir())
     assert main(["predict", str(output), str(image), "--top-k", "2", "--json"]) == 0
@@ -51,10 +63,104 @@ def test_errors_exit_non_zero_with_the_fix(toy_backbone_dirs, image_folder, tmp_
     assert "error:" in capsys.readouterr().err
 
 
+def test_missing_paths_and_mistyped_names_are_named_before_any_hub_call(
+    toy_backbone_dirs, image_folder, tmp_path, capsys
+):
+    output = ["--output", str(tmp_path / "gate")]
+    assert main(["calibrate", "--backbones", "openai-vitt", "--dataset", str(image_folder), *output]) == 2
+    err = capsys.readouterr().err
+    assert "'openai-vitt' is not a backbone set" in err and "Did you mean 'openai-vit'" in err
+    assert "`clip-ensemble configs`" in err
+    assert main(["calibrate", "--backbones", *toy_backbone_dirs, "--dataset", "./no-such-folder", *output]) == 2
+    assert "The dataset folder './no-such-folder' does not exist" in capsys.readouterr().err
+    assert main(["calibrate", "--backbones", "./no-such-clip", toy_backbone_dirs[0], "--dataset", "x", *output]) == 2
+    assert "The backbone folder './no-such-clip' does not exist" in capsys.readouterr().err
+    assert main(["predict", "./no-such-gate", "x.png"]) == 2
+    assert "The model folder './no-such-gate' does not exist" in capsys.readouterr().err
+    assert main(["calibrate", "--backbones", "org/a b", "--dataset", "x", *output]) == 2
+    assert "neither an existing folder nor a valid Hub repo id" in capsys.readouterr().err
+    assert main(["configs", "paper-openai"]) == 2
+    assert "Did you mean 'paper-openai-9'" in capsys.readouterr().err
+    assert not (tmp_path / "gate").exists()
+
+
+def test_predict_classifies_every_readable_image_and_reports_the_others(
+    toy_backbone_dirs, image_folder, tmp_path, capsys
+):
+    gate = tmp_path / "gate"
+    CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES)).save_pretrained(gate)
+    good = [str(next((image_folder / name).iterdir())) for name in ("red", "blue")]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    images = [good[0], str(broken), good[1], str(tmp_path / "missing.jpg")]
+    assert main(["predict", str(gate), *images, "--top-k", "1", "--json"]) == 1
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert list(results) == images  # in the order given
+    assert all(results[path][0]["label"] in TOY_CLASSES for path in good)
+    assert "could not be decoded" in results[str(broken)]["error"]
+    assert "no file at" in results[str(tmp_path / "missing.jpg")]["error"]
+    assert f"error: {broken}:" in captured.err and "2 of 4 images could not be read" in captured.err
+    assert main(["predict", str(gate), good[0]]) == 0
+    assert capsys.readouterr().out.startswith(f"{good[0]}: ")
+
+
+def _run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+    )
+
+
+def test_help_and_argument_errors_import_no_heavy_module():
+    code = """
+import sys
+from clip_ensemble.cli import main
+for argv in (["--help"], ["calibrate", "--help"], ["calibrate", "--shots", "x"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+main(["calibrate", "--backbones", "openai-vitt", "--dataset", "./nothing", "--output", "out"])
+main(["configs"])
+heavy = ("torch", "transformers", "datasets", "accelerate", "open_clip")
+print(sorted({m.split(".")[0] for m in sys.modules} & set(heavy)))
+"""
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert "Did you mean 'openai-vit'" in result.stderr
+
+
+def test_an_unreachable_hub_fails_at_once_with_the_offline_fix(tmp_path):
+    # Online mode, with the Hub at a local port where nothing listens: refused at once, no retries.
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    result = _run_python(
+        "from clip_ensemble.cli import main; raise SystemExit(main(['predict', 'me/gate', 'x.png']))", **env
+    )
+    assert result.returncode == 2
+    assert "Cannot reach the Hugging Face Hub at http://127.0.0.1:9" in result.stderr
+    assert "set HF_HUB_OFFLINE=1" in result.stderr
+
+
+def test_the_readme_launch_command_splits_over_two_cpu_processes(backbone_dirs, image_folder, tmp_path):
+    # `accelerate launch --multi_gpu --num_processes 2 -m clip_ensemble.cli extract-features ...`, on a CPU-only
+    # machine: without --multi_gpu accelerate would start one process here.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["-m", "clip_ensemble.cli", "extract-features", "--backbones", backbone_dirs[0]]
+    command += ["--dataset", str(image_folder), "--cache-dir", str(tmp_path / "cache")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "36 images x 1 backbones, 2 process(es)" in result.stdout
+    assert "embedded per process: 18 in" in result.stdout
+
+
 def test_help_shows_examples(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
-    assert exit_info.value.code == 0 and "clip-ensemble calibrate --backbones" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "clip-ensemble calibrate --backbones" in out
+    # Continued example lines end with a backslash, as typed in a shell.
+    assert "extract-features --backbones openai-vit \\\n      --dataset" in out
 
 
 def test_configs_lists_the_curated_sets(capsys):
@@ -109,3 +215,12 @@ def test_demo_runs_offline_on_the_digits_task(digits_backbone_dirs, tmp_path, ca
     assert CLIPEnsembleModel.from_pretrained(output).labels == [
         "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"
     ]  # fmt: skip
+
+
+def test_set_resolution_spells_the_backbone_prefixes_as_the_backbones_do():
+    from clip_ensemble import backbones, hub_configs
+
+    assert (hub_configs.HF_HUB_PREFIX, hub_configs.LOCAL_DIR_PREFIX) == (
+        backbones.HF_HUB_PREFIX,
+        backbones.LOCAL_DIR_PREFIX,
+    )

@@ -129,4 +129,4 @@ def test_resolve_backbones_takes_a_set_name_a_set_file_or_repo_ids(tmp_path):
     set_file = tmp_path / "mine.json"
     set_file.write_text((REPO_CONFIGS / "small-cpu.json").read_text())
     assert resolve_backbones([str(set_file)]) == backbone_entries("small-cpu")
-    assert resolve_backbones(["org/clip", "./folder"]) == ["org/clip", "./folder"]
+    assert resolve_backbones(["org/clip", str(tmp_path)]) == ["org/clip", str(tmp_path)]

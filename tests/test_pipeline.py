@@ -1,12 +1,23 @@
-"""The image-classification pipeline and `evaluate`'s evaluator on a local `datasets.Dataset`, with trained toy
-backbones: the evaluator must report exactly what `clip_ensemble.evaluate` reports for the gate."""
+"""The image-classification and zero-shot pipelines, and `evaluate`'s evaluator on a local `datasets.Dataset`, with
+trained toy backbones: the evaluator must report exactly what `clip_ensemble.evaluate` reports for the gate."""
+
+from unittest import mock
 
 import datasets
 import pytest
 import torch
 from transformers import pipeline
+from transformers.pipelines import ZeroShotImageClassificationPipeline
 
-from clip_ensemble import CLIPEnsembleModel, CLIPEnsemblePipeline, FeatureCache, calibrate, evaluate
+from clip_ensemble import (
+    CLIPEnsembleModel,
+    CLIPEnsemblePipeline,
+    CLIPEnsembleZeroShotPipeline,
+    FeatureCache,
+    TransformersBackbone,
+    calibrate,
+    evaluate,
+)
 from clip_ensemble.evaluate_modules import CLIPEnsembleEvaluator, MeanPerClassRecall, TopKAccuracy
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
@@ -98,3 +109,78 @@ def test_evaluator_names_unmapped_labels(calibrated, test_dataset):
     plain = test_dataset.cast_column("label", datasets.Value("int64"))
     with pytest.raises(ValueError, match="not a ClassLabel; pass label_mapping"):
         CLIPEnsembleEvaluator().compute(model_or_pipeline=calibrated, data=plain)
+
+
+def test_zero_shot_pipeline_reuses_the_gate_on_new_labels(calibrated, test_dataset):
+    classifier = pipeline(
+        "zero-shot-image-classification", model=calibrated, pipeline_class=CLIPEnsembleZeroShotPipeline
+    )
+    images = test_dataset["image"][:4]
+    subset = ["teal", "blue", "green"]
+    result = classifier(images[0], candidate_labels=subset)
+    # transformers' format: every candidate label with its softmax score, best first.
+    assert [list(entry) for entry in result] == [["score", "label"]] * 3
+    assert sorted(entry["label"] for entry in result) == sorted(subset)
+    assert [e["score"] for e in result] == sorted((e["score"] for e in result), reverse=True)
+    assert sum(e["score"] for e in result) == pytest.approx(1.0)
+    assert calibrated.labels == list(TOY_CLASSES)  # the model's own labels are left as they were
+
+    # The same as switching the model to the new labels (same gate, new zero-shot heads) and classifying.
+    reference = CLIPEnsembleModel.from_backbones([b.name_or_path for b in calibrated.backbones], labels=subset)
+    reference.gate.load_state_dict(calibrated.gate.state_dict())
+    expected = reference.classify(images, top_k=3)
+    batched = classifier(images, candidate_labels=subset, batch_size=3)
+    for top, ref in zip(batched, expected):
+        assert [e["label"] for e in top] == [e["label"] for e in ref]
+        torch.testing.assert_close([e["score"] for e in top], [e["score"] for e in ref])
+    # With the ensemble's own labels it answers what the image-classification pipeline answers.
+    own = classifier(images[1], candidate_labels=list(TOY_CLASSES))
+    assert own == [
+        {"score": p["score"], "label": p["label"]} for p in CLIPEnsemblePipeline(calibrated)(images[1], top_k=6)
+    ]
+
+
+def test_zero_shot_heads_are_cached_per_label_set_and_templates_apply(calibrated, test_dataset):
+    classifier = CLIPEnsembleZeroShotPipeline(calibrated)
+    image = test_dataset[0]["image"]
+    labels = ["purple", "red"]
+    with mock.patch.object(
+        TransformersBackbone, "encode_texts", autospec=True, side_effect=TransformersBackbone.encode_texts
+    ) as texts:
+        first = classifier(image, candidate_labels=labels, hypothesis_template="a {} shape")
+        prompts = [call.args[1] for call in texts.call_args_list]
+        assert ["a purple shape", "a red shape"] in prompts  # the template, applied to each candidate label
+        texts.reset_mock()
+        assert classifier(image, candidate_labels=labels, hypothesis_template="a {} shape") == first
+        texts.assert_not_called()  # heads for a label set seen before come from the cache
+    # A list of templates or a template set name: each backbone's head averages over them.
+    assert classifier(image, candidate_labels="purple, red", hypothesis_template="single")[0]["label"] in labels
+    assert len(classifier(image, candidate_labels=labels, hypothesis_template=["a {}.", "{} colour"])) == 2
+
+
+def test_zero_shot_pipeline_names_bad_arguments(calibrated, test_dataset):
+    classifier = CLIPEnsembleZeroShotPipeline(calibrated)
+    image = test_dataset[0]["image"]
+    with pytest.raises(ValueError, match="candidate_labels=\\['cat', 'dog'\\]"):
+        classifier(image)
+    with pytest.raises(ValueError, match="has no '{}' for the label"):
+        classifier(image, candidate_labels=["red", "blue"], hypothesis_template="a photo")
+    with pytest.raises(ValueError, match="not unique"):
+        classifier(image, candidate_labels=["red", "red"])
+    with pytest.raises(TypeError, match="needs a CLIPEnsembleModel"):
+        CLIPEnsembleZeroShotPipeline(torch.nn.Linear(2, 2))
+
+
+def test_zero_shot_task_loads_a_saved_ensemble_and_still_serves_plain_clips(calibrated, backbone_dirs, tmp_path):
+    calibrated.save_pretrained(tmp_path / "gate")
+    # Registered when clip_ensemble's names are first used: no pipeline_class needed.
+    classifier = pipeline("zero-shot-image-classification", model=str(tmp_path / "gate"))
+    assert isinstance(classifier, CLIPEnsembleZeroShotPipeline)
+    image = toy_dataset(per_class=1, seed=9).images[0]
+    expected = CLIPEnsembleZeroShotPipeline(calibrated)(image, candidate_labels=["red", "blue"])
+    assert classifier(image, candidate_labels=["red", "blue"]) == expected
+    # Any other model still gets transformers' own pipeline.
+    plain = pipeline("zero-shot-image-classification", model=backbone_dirs[0])
+    assert type(plain) is ZeroShotImageClassificationPipeline
+    result = plain(image, candidate_labels=["red", "blue"])
+    assert sorted(entry["label"] for entry in result) == ["blue", "red"]
