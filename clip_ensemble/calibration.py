@@ -10,21 +10,21 @@ import torch
 from .cascade import CascadeReport, fit_cascade
 from .data import LabelledImages, load_labelled_data, sample_few_shot
 from .features import FeatureCache
-from .fitting import BEST_BACKBONE, GATE, MEAN_OF_LOGITS, Features, fit_calibrated_gate
+from .fitting import BEST_BACKBONE, GATE, MEAN_OF_LOGITS, STATIC_WEIGHTS, Features, fit_calibrated_gate
 from .gate import combine_logits
 from .modeling_clip_ensemble import CLIPEnsembleModel
 
 
 @dataclass
 class CalibrationReport:
-    """What a calibration chose and why: cross-validated top-1 of the gate, of plain averaging and of the best
-    backbone on the calibration images (mean and spread over folds), and how long it took."""
+    """What a calibration chose and why: cross-validated top-1 of the gate, of static per-backbone weights, of plain
+    averaging and of the best backbone on the calibration images (mean and spread over folds), and how long it took."""
 
     dataset: str
     shots: int
     seed: int
     num_images: int
-    chosen: str  # "gate", "mean of logits" or "best backbone"
+    chosen: str  # "gate", "static weights", "mean of logits" or "best backbone"
     cv_accuracy: dict[str, float]  # candidate -> mean top-1 over the folds' held-out parts
     cv_spread: dict[str, float]  # candidate -> standard deviation of that top-1 over folds
     num_folds: int
@@ -48,17 +48,21 @@ class CalibrationReport:
             name: f"{100 * value:.1f}% ± {100 * self.cv_spread[name]:.1f}" for name, value in self.cv_accuracy.items()
         }
         evidence = (
-            f"gate {acc[GATE]}, plain averaging {acc[MEAN_OF_LOGITS]}, best backbone ({self.best_backbone}) "
-            f"{acc[BEST_BACKBONE]}"
+            f"gate {acc[GATE]}, static weights {acc[STATIC_WEIGHTS]}, plain averaging {acc[MEAN_OF_LOGITS]}, "
+            f"best backbone ({self.best_backbone}) {acc[BEST_BACKBONE]}"
         )
         reason = {
-            GATE: "the trained gate beat plain averaging and the best backbone",
-            MEAN_OF_LOGITS: "the trained gate did not beat plain averaging, so the model keeps equal weights",
-            BEST_BACKBONE: f"one backbone alone beat the gate and averaging, so every image goes to {self.best_backbone}",
+            GATE: "the per-image gate beat every simpler combination",
+            STATIC_WEIGHTS: "one learned weight per backbone beat plain averaging and the best backbone, and the "
+            "per-image gate did not beat it",
+            MEAN_OF_LOGITS: "no trained combination beat plain averaging, so the model keeps equal weights",
+            BEST_BACKBONE: f"one backbone alone beat averaging and no trained combination beat it, so every image "
+            f"goes to {self.best_backbone}",
         }[self.chosen]
+        folds = "one held-out quarter" if self.num_folds == 1 else f"{self.num_folds}-fold cross-validation"
         return (
-            f"Chose {self.chosen}: {reason} in {self.num_folds}-fold cross-validation on the calibration images "
-            f"(top-1, mean ± spread over folds: {evidence})."
+            f"Chose {self.chosen}: {reason} ({folds} on the calibration images; top-1, mean ± spread over folds: "
+            f"{evidence})."
         )
 
     def __str__(self) -> str:
@@ -91,8 +95,9 @@ def calibrate(
 ) -> CalibrationReport:
     """Fit `model`'s gate on `shots` labelled images per class of `data`; the backbones stay frozen.
 
-    Cross-validation on those images chooses between the trained gate, plain logit averaging (the gate's starting
-    point) and the best single backbone, and the gate's fitting settings; the report says what was chosen and why.
+    Cross-validation on those images chooses between the trained gate, static per-backbone weights, plain logit
+    averaging (the gate's starting point) and the best single backbone, and the fitting settings (see
+    `clip_ensemble.fitting.fit_calibrated_gate`); the report says what was chosen and why.
     `data` is a `LabelledImages`, an image folder, a `datasets.Dataset` or a Hub dataset id (`split` is used for
     the last two). The model takes the data's label names. Image embeddings come from `cache` (by default the
     on-disk cache), so a second calibration on the same images runs no backbone. Deterministic for a seed.

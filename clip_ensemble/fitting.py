@@ -48,12 +48,15 @@ def cross_validation_folds(labels: torch.Tensor | list[int], num_folds: int = 5,
     return [sorted(fold) for fold in folds]
 
 
-def _loss(gate: nn.Module, features: Features) -> torch.Tensor:
-    return nn.functional.cross_entropy(combine_logits(features.logits, gate(features.gate_inputs)), features.labels)
+def _combined(gate: EnsembleGate, features: Features, static: bool = False) -> torch.Tensor:
+    """(n, C) combined logits; `static` uses the gate's output bias alone: one weight per backbone for every image."""
+    weights = gate.activate(gate.fc2.bias).expand(len(features.labels), -1) if static else gate(features.gate_inputs)
+    return combine_logits(features.logits, weights)
 
 
 MEAN_OF_LOGITS = "mean of logits"
 BEST_BACKBONE = "best backbone"
+STATIC_WEIGHTS = "static weights"
 GATE = "gate"
 
 # The gate's fitting settings. The training length is chosen by cross-validation among STEP_CHOICES (AdamW from the
@@ -76,11 +79,11 @@ class GateChoice:
     """What `fit_calibrated_gate` chose and why.
 
     `cv_accuracy` and `cv_spread` are the mean and standard deviation over folds of each candidate's top-1 on the
-    folds' held-out examples: out-of-fold for the gate (trained without them); plain averaging has nothing to fit;
-    the best backbone is chosen once on all calibration examples.
+    folds' held-out examples: out-of-fold for the gate and the static weights (trained without them); plain
+    averaging has nothing to fit; the best backbone is chosen once on all calibration examples.
     """
 
-    chosen: str  # GATE, MEAN_OF_LOGITS or BEST_BACKBONE
+    chosen: str  # GATE, STATIC_WEIGHTS, MEAN_OF_LOGITS or BEST_BACKBONE
     cv_accuracy: dict[str, float]
     cv_spread: dict[str, float]
     num_folds: int  # folds whose held-out part was scored (1: a single held-out quarter)
@@ -96,18 +99,22 @@ def set_best_backbone(gate: EnsembleGate, backbone: int) -> None:
         gate.fc2.bias[backbone] = math.log(math.e - 1) if gate.combination == "softplus" else 0.0
 
 
-def _train(gate: EnsembleGate, train: Features, steps: int, *, seed: int, on_checkpoint=None) -> None:
+def _train(
+    gate: EnsembleGate, train: Features, steps: int, *, seed: int, static: bool = False, on_checkpoint=None
+) -> None:
     """AdamW on cross-entropy of the combined logits, from the averaging initialisation, for `steps` steps or until
-    `on_checkpoint(step)` (called at each of `STEP_CHOICES`, gate in eval mode) returns True."""
+    `on_checkpoint(step)` (called at each of `STEP_CHOICES`, gate in eval mode) returns True. `static` trains the
+    output bias alone (the hidden layer then has no effect: the output weights stay zero)."""
     torch.manual_seed(seed)
     gate.reset_parameters()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(gate.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    parameters = [gate.fc2.bias] if static else list(gate.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     n = len(train.labels)
     for step in range(1, steps + 1):
         gate.train()
         batch = train.subset(torch.randperm(n, generator=generator)[:BATCH_SIZE]) if n > BATCH_SIZE else train
-        loss = _loss(gate, batch)
+        loss = nn.functional.cross_entropy(_combined(gate, batch, static), batch.labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -123,72 +130,96 @@ def _beats(challenger: torch.Tensor, incumbent: torch.Tensor) -> bool:
     return bool(difference.mean() > difference.std(correction=0) / math.sqrt(len(difference)))
 
 
-def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0, num_folds: int = 5) -> GateChoice:
-    """Fit `gate` in place on `features`, keeping plain averaging or the best backbone when the gate does not help.
+@dataclass
+class _Path:
+    """Out-of-fold results of one kind of training at every training length that all folds reached."""
 
-    1. Plain logit averaging (the gate's starting point) is the default. The best single backbone on all the
-       calibration examples replaces it when it is right more often by more than one standard error.
-    2. The gate is trained on each fold's training part and scored on its held-out part at every training length in
-       `STEP_CHOICES` (a fold's path stops once its held-out cross-entropy keeps rising); the length with the lowest
-       out-of-fold cross-entropy is chosen.
-    3. The gate, refitted on all examples for that length, is kept only when its out-of-fold predictions beat the
-       choice of step 1 by more than one standard error; otherwise the gate is set to that choice. From
-       `SINGLE_SPLIT_FROM` examples on, one held-out quarter is scored and the gate trained on the rest is kept.
-    At 1 shot a held-out example's class is missing from its fold's training part, so the gate's estimate is
-    pessimistic there: the gate is then kept only when it helps on classes it has not seen.
+    correct: dict[int, torch.Tensor]  # steps -> (n,) bool, right on the held-out examples
+    losses: dict[int, torch.Tensor]  # steps -> (n,) held-out cross-entropy
+    states: dict[int, dict]  # steps -> gate state (single split only)
+    reached: list[int]
+
+    def best_steps(self, scored: torch.Tensor) -> int:
+        """The length with the lowest out-of-fold cross-entropy (ties: the shortest)."""
+        return min(self.reached, key=lambda steps: float(self.losses[steps][scored].mean()))
+
+
+def _cross_validate(
+    gate: EnsembleGate, features: Features, folds: list[list[int]], *, seed: int, static: bool, keep_states: bool
+) -> _Path:
+    """Train on each fold's training part, scoring its held-out part at every length in `STEP_CHOICES`; a fold's
+    path stops once its held-out cross-entropy keeps rising, and later folds stop where it did."""
+    n = len(features.labels)
+    path = _Path(
+        {s: torch.zeros(n, dtype=torch.bool) for s in STEP_CHOICES}, {s: torch.zeros(n) for s in STEP_CHOICES}, {}, []
+    )
+    last_step = STEP_CHOICES[-1]
+    everything = set(range(n))
+    for fold in folds:
+        train, val = features.subset(sorted(everything - set(fold))), features.subset(fold)
+        fold_losses: list[float] = []
+
+        @torch.no_grad()
+        def checkpoint(step: int, fold=fold, val=val, fold_losses=fold_losses) -> bool:
+            logits = _combined(gate, val, static)
+            path.correct[step][fold] = logits.argmax(-1) == val.labels
+            path.losses[step][fold] = nn.functional.cross_entropy(logits, val.labels, reduction="none")
+            fold_losses.append(float(path.losses[step][fold].mean()))
+            if keep_states:
+                path.states[step] = copy.deepcopy(gate.state_dict())
+            recent = fold_losses[-PATIENCE - 1 :]
+            return len(recent) > PATIENCE and all(a < b for a, b in zip(recent, recent[1:]))
+
+        _train(gate, train, last_step, seed=seed, static=static, on_checkpoint=checkpoint)
+        last_step = min(last_step, STEP_CHOICES[len(fold_losses) - 1])
+    path.reached = [s for s in STEP_CHOICES if s <= last_step]
+    return path
+
+
+def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0, num_folds: int = 5) -> GateChoice:
+    """Fit `gate` in place on `features`, keeping a simpler combination when the gate does not help.
+
+    From the simplest to the richest, each candidate replaces the one kept so far only when it is right more often,
+    on the same examples, by more than one standard error of the paired difference:
+    1. plain logit averaging (the gate's starting point), then the best single backbone on all the examples;
+    2. static weights: one learned weight per backbone, the same for every image (the gate's output bias alone);
+    3. the gate, whose weights depend on the image.
+    Static weights and the gate are scored out of fold: trained on each fold's training part and scored on its
+    held-out part at every training length in `STEP_CHOICES`, the length with the lowest out-of-fold cross-entropy
+    chosen, then refitted on all examples for that length. From `SINGLE_SPLIT_FROM` examples on, one held-out
+    quarter is scored and the model trained on the other three quarters is kept. At 1 shot a held-out example's
+    class is missing from its fold's training part, so the trained candidates' estimates are pessimistic there.
     """
     features = Features(*features)
     labels = features.labels
     n = len(labels)
     single_split = n >= SINGLE_SPLIT_FROM
     folds = cross_validation_folds(labels, 4 if single_split else num_folds, seed)[: 1 if single_split else None]
-    single_correct = features.logits.argmax(-1) == labels[:, None]  # (n, B)
-    mean_correct = features.logits.mean(1).argmax(-1) == labels  # (n,)
-    best = int(single_correct.float().mean(0).argmax())
-    incumbent = BEST_BACKBONE if _beats(single_correct[:, best], mean_correct) else MEAN_OF_LOGITS
-
-    # Out-of-fold correctness and cross-entropy of the gate at every training length (until the path stops).
     scored = torch.tensor(sorted(i for fold in folds for i in fold))
-    correct = {steps: torch.zeros(n, dtype=torch.bool) for steps in STEP_CHOICES}
-    losses = {steps: torch.zeros(n) for steps in STEP_CHOICES}
-    states = {}  # step -> gate state, kept for the single split
-    last_step = STEP_CHOICES[-1]  # the longest length that every fold reached
-    everything = set(range(n))
-    for fold in folds:
-        train, val = features.subset(sorted(everything - set(fold))), features.subset(fold)
-        path: list[float] = []
-
-        @torch.no_grad()
-        def checkpoint(step: int, fold=fold, val=val, path=path) -> bool:
-            logits = combine_logits(val.logits, gate(val.gate_inputs))
-            correct[step][fold] = logits.argmax(-1) == val.labels
-            losses[step][fold] = nn.functional.cross_entropy(logits, val.labels, reduction="none")
-            path.append(float(losses[step][fold].mean()))
-            if single_split:
-                states[step] = copy.deepcopy(gate.state_dict())
-            rising = len(path) > PATIENCE and all(a < b for a, b in zip(path[-PATIENCE - 1 :], path[-PATIENCE:]))
-            return rising
-
-        _train(gate, train, last_step, seed=seed, on_checkpoint=checkpoint)
-        last_step = min(last_step, STEP_CHOICES[len(path) - 1])
-    reached = [s for s in STEP_CHOICES if s <= last_step]
-    steps = min(reached, key=lambda s: float(losses[s][scored].mean()))  # ties: the shortest
-    candidates = {
-        GATE: correct[steps],
-        MEAN_OF_LOGITS: mean_correct,
+    single_correct = features.logits.argmax(-1) == labels[:, None]  # (n, B)
+    best = int(single_correct.float().mean(0).argmax())
+    correct = {
+        MEAN_OF_LOGITS: features.logits.mean(1).argmax(-1) == labels,  # (n,)
         BEST_BACKBONE: single_correct[:, best],
     }
-    fold_accuracy = {name: [float(hits[fold].float().mean()) for fold in folds] for name, hits in candidates.items()}
-    chosen = GATE if _beats(correct[steps][scored], candidates[incumbent][scored]) else incumbent
+    chosen = BEST_BACKBONE if _beats(correct[BEST_BACKBONE], correct[MEAN_OF_LOGITS]) else MEAN_OF_LOGITS
+    paths, steps = {}, {}
+    for name, static in ((STATIC_WEIGHTS, True), (GATE, False)):
+        paths[name] = _cross_validate(gate, features, folds, seed=seed, static=static, keep_states=single_split)
+        steps[name] = paths[name].best_steps(scored)
+        correct[name] = paths[name].correct[steps[name]]
+        if _beats(correct[name][scored], correct[chosen][scored]):
+            chosen = name
+    fold_accuracy = {name: [float(hits[fold].float().mean()) for fold in folds] for name, hits in correct.items()}
 
     settings = {}
-    if chosen == GATE:
-        settings = {"steps": steps, "lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY, "batch_size": BATCH_SIZE}
+    if chosen in paths:
+        settings = {"steps": steps[chosen], "lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY, "batch_size": BATCH_SIZE}
         if single_split:  # trained on three quarters of the examples, kept as scored
-            gate.load_state_dict(states[steps])
+            gate.load_state_dict(paths[chosen].states[steps[chosen]])
             settings["trained_on"] = f"{n - len(folds[0])} of {n} examples"
         else:
-            _train(gate, features, steps, seed=seed)
+            _train(gate, features, steps[chosen], seed=seed, static=chosen == STATIC_WEIGHTS)
     elif chosen == BEST_BACKBONE:
         set_best_backbone(gate, best)
     else:
@@ -212,6 +243,7 @@ __all__ = [
     "GateChoice",
     "LEARNING_RATE",
     "MEAN_OF_LOGITS",
+    "STATIC_WEIGHTS",
     "STEP_CHOICES",
     "WEIGHT_DECAY",
     "cross_validation_folds",

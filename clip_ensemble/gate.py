@@ -35,7 +35,10 @@ class EnsembleGate(nn.Module):
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """(batch, sum d_b) concatenated normalised embeddings -> (batch, B) non-negative backbone weights."""
-        scores = self.fc2(torch.relu(self.fc1(image_embeds)))
+        return self.activate(self.fc2(torch.relu(self.fc1(image_embeds))))
+
+    def activate(self, scores: torch.Tensor) -> torch.Tensor:
+        """(..., B) gate outputs -> (..., B) backbone weights, as the combination mode turns them."""
         if self.combination == "softplus":
             return nn.functional.softplus(scores)
         weights = scores.softmax(dim=-1)

@@ -80,7 +80,7 @@ def theirs(tmp_path, monkeypatch):
 def report(toy_backbone_dirs):
     cache = FeatureCache(None)
     model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
-    calibrate(model, toy_dataset(per_class=16, seed=3), shots=2, seed=0, cache=cache, progress=False)
+    calibrate(model, toy_dataset(per_class=16, seed=3), shots=4, seed=0, cache=cache, progress=False)
     return evaluate(model, toy_dataset(per_class=5, seed=7), cache=cache, progress=False)
 
 
