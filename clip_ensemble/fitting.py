@@ -79,8 +79,8 @@ class GateChoice:
     """What `fit_calibrated_gate` chose and why.
 
     `cv_accuracy` and `cv_spread` are the mean and standard deviation over folds of each candidate's top-1 on the
-    folds' held-out examples: out-of-fold for the gate and the static weights (trained without them); plain
-    averaging has nothing to fit; the best backbone is chosen once on all calibration examples.
+    folds' held-out examples: out of fold for the gate, the static weights and the best backbone (chosen and trained
+    without them); plain averaging has nothing to fit.
     """
 
     chosen: str  # GATE, STATIC_WEIGHTS, MEAN_OF_LOGITS or BEST_BACKBONE
@@ -181,10 +181,11 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
 
     From the simplest to the richest, each candidate replaces the one kept so far only when it is right more often,
     on the same examples, by more than one standard error of the paired difference:
-    1. plain logit averaging (the gate's starting point), then the best single backbone on all the examples;
+    1. plain logit averaging (the gate's starting point), then the best single backbone on all the examples (both
+       untrained: compared on all examples);
     2. static weights: one learned weight per backbone, the same for every image (the gate's output bias alone);
     3. the gate, whose weights depend on the image.
-    Static weights and the gate are scored out of fold: trained on each fold's training part and scored on its
+    Static weights and the gate are scored out of fold, against the best backbone chosen out of fold too: trained on each fold's training part and scored on its
     held-out part at every training length in `STEP_CHOICES`, the length with the lowest out-of-fold cross-entropy
     chosen, then refitted on all examples for that length. From `SINGLE_SPLIT_FROM` examples on, one held-out
     quarter is scored and the model trained on the other three quarters is kept. At 1 shot a held-out example's
@@ -198,11 +199,15 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     scored = torch.tensor(sorted(i for fold in folds for i in fold))
     single_correct = features.logits.argmax(-1) == labels[:, None]  # (n, B)
     best = int(single_correct.float().mean(0).argmax())
-    correct = {
-        MEAN_OF_LOGITS: features.logits.mean(1).argmax(-1) == labels,  # (n,)
-        BEST_BACKBONE: single_correct[:, best],
-    }
-    chosen = BEST_BACKBONE if _beats(correct[BEST_BACKBONE], correct[MEAN_OF_LOGITS]) else MEAN_OF_LOGITS
+    mean_correct = features.logits.mean(1).argmax(-1) == labels  # (n,)
+    chosen = BEST_BACKBONE if _beats(single_correct[:, best], mean_correct) else MEAN_OF_LOGITS
+    # Trained candidates are compared out of fold, so the best backbone is too: chosen on each fold's training part.
+    best_out_of_fold = torch.zeros(n, dtype=torch.bool)
+    everything = set(range(n))
+    for fold in folds:
+        train_best = int(single_correct[sorted(everything - set(fold))].float().mean(0).argmax())
+        best_out_of_fold[fold] = single_correct[fold, train_best]
+    correct = {MEAN_OF_LOGITS: mean_correct, BEST_BACKBONE: best_out_of_fold}
     paths, steps = {}, {}
     for name, static in ((STATIC_WEIGHTS, True), (GATE, False)):
         paths[name] = _cross_validate(gate, features, folds, seed=seed, static=static, keep_states=single_split)
