@@ -7,6 +7,7 @@ from clip_ensemble.fitting import (
     BEST_BACKBONE,
     GATE,
     MEAN_OF_LOGITS,
+    STATIC_WEIGHTS,
     Features,
     cross_validation_folds,
     fit_calibrated_gate,
@@ -60,7 +61,7 @@ def test_one_good_backbone_among_bad_ones_is_kept_alone_or_gated_to():
     features = _features([0.95, 0.2, 0.2], shots=8)
     gate = EnsembleGate([8, 8, 8])
     choice = fit_calibrated_gate(gate, features, seed=0)
-    assert choice.chosen in (BEST_BACKBONE, GATE) and choice.best_backbone == 0
+    assert choice.chosen in (BEST_BACKBONE, STATIC_WEIGHTS, GATE) and choice.best_backbone == 0
     with torch.no_grad():
         combined = combine_logits(features.logits, gate(features.gate_inputs))
     assert (combined.argmax(-1) == features.logits[:, 0].argmax(-1)).float().mean() > 0.9
@@ -73,5 +74,37 @@ def test_choice_reports_cross_validated_accuracy_and_is_deterministic():
     assert choice == fit_calibrated_gate(second, features, seed=1)
     for name, tensor in first.state_dict().items():
         torch.testing.assert_close(tensor, second.state_dict()[name], rtol=0, atol=0)
-    assert set(choice.cv_accuracy) == set(choice.cv_spread) == {GATE, MEAN_OF_LOGITS, BEST_BACKBONE}
+    assert set(choice.cv_accuracy) == set(choice.cv_spread) == {GATE, STATIC_WEIGHTS, MEAN_OF_LOGITS, BEST_BACKBONE}
     assert choice.num_folds == 5 and all(0 <= value <= 1 for value in choice.cv_accuracy.values())
+
+
+# Calibration may lose to plain averaging by at most this much top-1 on held-out data (one k-shot draw): it falls back
+# to averaging, or a simpler combination, when cross-validation on the shots does not show the gate helping.
+MARGIN = 0.02
+
+
+@pytest.mark.parametrize("shots", [1, 4])
+def test_calibration_does_not_lose_to_averaging_or_the_best_backbone_on_real_digits(digits_task, shots):
+    pool_labels = digits_task.pool_labels
+    generator = torch.Generator().manual_seed(shots)
+    support_index = torch.cat(
+        [
+            torch.nonzero(pool_labels == c).flatten()[
+                torch.randperm(int((pool_labels == c).sum()), generator=generator)[:shots]
+            ]
+            for c in range(10)
+        ]
+    )
+    pool = Features(torch.cat(digits_task.pool_embeds, -1), digits_task.logits(digits_task.pool_embeds), pool_labels)
+    test = Features(
+        torch.cat(digits_task.test_embeds, -1), digits_task.logits(digits_task.test_embeds), digits_task.test_labels
+    )
+    support = pool.subset(support_index)
+    gate = EnsembleGate([e.shape[1] for e in digits_task.pool_embeds])
+    choice = fit_calibrated_gate(gate, support, seed=0)
+    with torch.no_grad():
+        calibrated = (combine_logits(test.logits, gate(test.gate_inputs)).argmax(-1) == test.labels).float().mean()
+    averaging = (test.logits.mean(1).argmax(-1) == test.labels).float().mean()
+    best_on_shots = choice.best_backbone
+    best_single = (test.logits[:, best_on_shots].argmax(-1) == test.labels).float().mean()
+    assert calibrated >= averaging - MARGIN and calibrated >= best_single - MARGIN, choice

@@ -132,7 +132,8 @@ def test_zero_shot_pipeline_reuses_the_gate_on_new_labels(calibrated, test_datas
     batched = classifier(images, candidate_labels=subset, batch_size=3)
     for top, ref in zip(batched, expected):
         assert [e["label"] for e in top] == [e["label"] for e in ref]
-        torch.testing.assert_close([e["score"] for e in top], [e["score"] for e in ref])
+        # Batched and single forward passes agree to float32 precision.
+        torch.testing.assert_close([e["score"] for e in top], [e["score"] for e in ref], rtol=1e-5, atol=1e-6)
     # With the ensemble's own labels it answers what the image-classification pipeline answers.
     own = classifier(images[1], candidate_labels=list(TOY_CLASSES))
     assert own == [
