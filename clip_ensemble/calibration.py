@@ -28,7 +28,7 @@ class CalibrationReport:
     cv_accuracy: dict[str, float]  # candidate -> mean top-1 over the folds' held-out parts
     cv_spread: dict[str, float]  # candidate -> standard deviation of that top-1 over folds
     num_folds: int
-    settings: dict  # the gate's fitting settings chosen by cross-validation (empty unless the gate was chosen)
+    settings: dict  # the fitting settings chosen by cross-validation (empty when nothing was trained)
     best_backbone: str  # the best single backbone on all calibration images
     train_accuracy: float  # the final model on all calibration images (optimistic: it was fitted on them)
     backbone_accuracy: dict[str, float]  # each backbone alone on all calibration images
@@ -70,7 +70,7 @@ class CalibrationReport:
         lines = [
             f"Calibrated on {self.dataset}: {self.shots} shots per class, seed {self.seed}, {self.num_images} images",
             f"  {self.verdict()}",
-            *([f"  gate settings chosen by cross-validation: {settings}"] if settings else []),
+            *([f"  fitting settings ({self.chosen}) chosen by cross-validation: {settings}"] if settings else []),
             f"  on all calibration images: final model {100 * self.train_accuracy:.1f}% (fitted on them), mean of "
             f"logits {100 * self.mean_logits_accuracy:.1f}%",
             *(f"  {name}: {100 * acc:.1f}%" for name, acc in self.backbone_accuracy.items()),

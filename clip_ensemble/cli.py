@@ -263,9 +263,8 @@ def _demo(args) -> None:
     print(f"\nBefore calibration (the gate is plain logit averaging), on {len(test)} held-out digits:")
     print(f"{evaluate(model, test, cache=cache).table()}\n")
     report = calibrate(model, pool, shots=args.shots, seed=0, cache=cache)
-    print(
-        f"{report}\n\nAfter calibration, on the {len(test)} held-out digits:\n{evaluate(model, test, cache=cache).table()}"
-    )
+    after = evaluate(model, test, cache=cache, support=report)  # with the baselines fitted on the same shots
+    print(f"{report}\n\nAfter calibration, on the {len(test)} held-out digits:\n{after.table()}")
     model.save_pretrained(args.output)
     print(f"\nSaved the calibrated gate to {args.output}; load it with CLIPEnsembleModel.from_pretrained.")
 
