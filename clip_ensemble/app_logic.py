@@ -383,13 +383,14 @@ class SharedEnsemble:
         ]
 
     def describe(self) -> str:
-        """The loaded backbones as a Markdown list, by name (a local folder by its last part, never its path)."""
+        """The loaded backbones as a Markdown list, by name (a local folder by its last part, never its path), with each
+        one's compute per image."""
         lines = [
             f"- `{name}`"
             + (f" @ `{entry['revision'][:12]}`" if entry["revision"] else "")
-            + f": {entry['embed_dim']}-d embeddings"
+            + f": {entry['embed_dim']}-d embeddings, {gflops:.3g} GFLOPs per image"
             + (" (a local folder)" if name in self.local_backbones else "")
-            for name, entry in zip(self.names, self.model.config.backbones)
+            for name, entry, gflops in zip(self.names, self.model.config.backbones, self.model.backbone_gflops)
         ]
         return f"**{len(lines)} backbones loaded** (shared by all sessions):\n" + "\n".join(lines)
 
@@ -615,6 +616,10 @@ class SharedEnsemble:
         note = session.describe(labels)
         if not session.calibrated:
             note += " Calibrate it on a few labelled images to weigh each backbone per image."
+        note += (
+            f" This image needed {int(out.num_backbones_run[0])} of {len(self.names)} backbones, "
+            f"{float(out.gflops[0]):.3g} GFLOPs."
+        )
         return Prediction(
             top={labels[i]: float(s) for s, i in zip(top.values, top.indices.tolist())},
             backbones=rows,

@@ -169,6 +169,7 @@ def calibrate(
         "seed": seed,
         "images": len(support),
         "chosen": report.chosen,
+        "why": report.verdict(),
         "cross_validated_accuracy": {name: round(acc, 4) for name, acc in report.cv_accuracy.items()},
         "cross_validated_spread": {name: round(acc, 4) for name, acc in report.cv_spread.items()},
         "folds": report.num_folds,

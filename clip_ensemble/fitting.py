@@ -1,5 +1,6 @@
 """Fitting on cached features: cross-validation folds, the gate's training loop, and the choice between the gate,
-plain averaging and the best backbone that calibration makes from the calibration data alone."""
+static per-backbone weights, plain averaging and the best backbone that calibration makes from the calibration data
+alone."""
 
 from __future__ import annotations
 
@@ -29,19 +30,20 @@ class Features(NamedTuple):
 def cross_validation_folds(labels: torch.Tensor | list[int], num_folds: int = 5, seed: int = 0) -> list[list[int]]:
     """Split example indices into `min(num_folds, n)` folds, stratified by class, that also work at 1 shot.
 
-    Within each class the examples are shuffled and dealt to consecutive folds from a random starting fold, so a
-    class with k < num_folds examples lands in k different folds and every fold gets about n / num_folds examples.
+    Within each class the examples are shuffled and dealt to consecutive folds, each class starting where the
+    previous one stopped, so a class with k < num_folds examples lands in k different folds and every fold gets
+    about n / num_folds examples.
     The gate does not depend on the labels, so a fold may hold a class that its training part lacks.
     """
-    labels = torch.as_tensor(labels).tolist()
+    labels = torch.as_tensor(labels).cpu().numpy()
     num_folds = min(num_folds, len(labels))
     if num_folds < 2:
         raise ValueError(f"Cross-validation needs at least 2 labelled examples, got {len(labels)}.")
     rng = np.random.default_rng(seed)
     folds: list[list[int]] = [[] for _ in range(num_folds)]
     offset = 0
-    for c in sorted(set(labels)):
-        members = rng.permutation([i for i, label in enumerate(labels) if label == c]).tolist()
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c)).tolist()
         for rank, index in enumerate(members):
             folds[(offset + rank) % num_folds].append(index)
         offset += len(members)  # the next class starts where this one stopped, keeping folds balanced

@@ -88,6 +88,8 @@ def test_before_calibration_the_gate_is_plain_averaging_and_says_so(ensemble, pr
     assert list(prediction.gate_weights.values()) == pytest.approx([1 / 3] * 3)
     assert list(prediction.gate_weights) == ["toy-clip-0", "toy-clip-1", "toy-clip-2"]
     assert "not calibrated" in prediction.note and "plain logit averaging" in prediction.note
+    total = sum(ensemble.model.backbone_gflops)
+    assert f"needed {len(ensemble.names)} of {len(ensemble.names)} backbones, {total:.3g} GFLOPs" in prediction.note
     assert [row["top label"] in TOY_CLASSES for row in prediction.backbones] == [True] * 3
 
 
