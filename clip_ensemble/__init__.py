@@ -11,6 +11,7 @@ and `pipeline("zero-shot-image-classification", model=saved_ensemble)` work afte
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -66,6 +67,13 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
+
+
+# With transformers already imported (as before any `pipeline(...)` call), register at once, so that a plain
+# `import clip_ensemble` is enough for `pipeline("zero-shot-image-classification", model=saved_ensemble)`. The command
+# line never imports transformers first, so it still starts without torch.
+if "transformers" in sys.modules:
+    importlib.import_module(".pipeline", __name__)
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports these on first use

@@ -1,6 +1,8 @@
 """The image-classification and zero-shot pipelines, and `evaluate`'s evaluator on a local `datasets.Dataset`, with
 trained toy backbones: the evaluator must report exactly what `clip_ensemble.evaluate` reports for the gate."""
 
+import subprocess
+import sys
 from unittest import mock
 
 import datasets
@@ -185,3 +187,14 @@ def test_zero_shot_task_loads_a_saved_ensemble_and_still_serves_plain_clips(cali
     assert type(plain) is ZeroShotImageClassificationPipeline
     result = plain(image, candidate_labels=["red", "blue"])
     assert sorted(entry["label"] for entry in result) == ["blue", "red"]
+
+
+def test_a_plain_import_after_transformers_registers_the_ensemble():
+    code = (
+        "import transformers, clip_ensemble\n"
+        "from transformers import CONFIG_MAPPING\n"
+        "from transformers.pipelines import PIPELINE_REGISTRY\n"
+        "print('clip_ensemble' in CONFIG_MAPPING, PIPELINE_REGISTRY.supported_tasks['zero-shot-image-classification'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("True") and "clip_ensemble" in out
