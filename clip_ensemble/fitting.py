@@ -151,9 +151,12 @@ def _cross_validate(
 ) -> _Path:
     """Train on each fold's training part, scoring its held-out part at every length in `STEP_CHOICES`; a fold's
     path stops once its held-out cross-entropy keeps rising, and later folds stop where it did."""
-    n = len(features.labels)
+    n, device = len(features.labels), features.labels.device
     path = _Path(
-        {s: torch.zeros(n, dtype=torch.bool) for s in STEP_CHOICES}, {s: torch.zeros(n) for s in STEP_CHOICES}, {}, []
+        {s: torch.zeros(n, dtype=torch.bool, device=device) for s in STEP_CHOICES},
+        {s: torch.zeros(n, device=device) for s in STEP_CHOICES},
+        {},
+        [],
     )
     last_step = STEP_CHOICES[-1]
     everything = set(range(n))
@@ -198,13 +201,13 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     n = len(labels)
     single_split = n >= SINGLE_SPLIT_FROM
     folds = cross_validation_folds(labels, 4 if single_split else num_folds, seed)[: 1 if single_split else None]
-    scored = torch.tensor(sorted(i for fold in folds for i in fold))
+    scored = torch.tensor(sorted(i for fold in folds for i in fold), device=labels.device)
     single_correct = features.logits.argmax(-1) == labels[:, None]  # (n, B)
     best = int(single_correct.float().mean(0).argmax())
     mean_correct = features.logits.mean(1).argmax(-1) == labels  # (n,)
     chosen = BEST_BACKBONE if _beats(single_correct[:, best], mean_correct) else MEAN_OF_LOGITS
     # Trained candidates are compared out of fold, so the best backbone is too: chosen on each fold's training part.
-    best_out_of_fold = torch.zeros(n, dtype=torch.bool)
+    best_out_of_fold = torch.zeros(n, dtype=torch.bool, device=labels.device)
     everything = set(range(n))
     for fold in folds:
         train_best = int(single_correct[sorted(everything - set(fold))].float().mean(0).argmax())
