@@ -1,4 +1,5 @@
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,7 +73,7 @@ def test_digit_specialists_are_imperfect_and_disagree(digits_task):
 
 def test_feature_task_from_a_model(digits_task, digits_backbone_dirs):
     assert digits_task.label_names == list(DIGIT_CLASSES)
-    assert digits_task.backbone_names == digits_backbone_dirs
+    assert digits_task.backbone_names == [Path(folder).name for folder in digits_backbone_dirs]
     assert len(digits_task.pool_labels) == 1198 and len(digits_task.test_labels) == 599
     for pool, test, head in zip(digits_task.pool_embeds, digits_task.test_embeds, digits_task.heads):
         assert pool.shape == (1198, head.shape[1]) and test.shape == (599, head.shape[1])

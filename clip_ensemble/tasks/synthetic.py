@@ -113,7 +113,7 @@ def feature_task(
         model.set_labels(pool.label_names)
     return FeatureTask(
         name=name,
-        backbone_names=[entry["name_or_path"] for entry in model.config.backbones],
+        backbone_names=model.config.backbone_names,
         label_names=list(pool.label_names),
         pool_embeds=cache.embed(model.backbones, pool.images, progress=False),
         pool_labels=torch.tensor(pool.labels),
