@@ -551,32 +551,7 @@ class CLIPEnsembleModel(PreTrainedModel):
 
     def load_gate(self, gate_file: str | os.PathLike) -> None:
         """Load gate weights strictly: missing, unexpected or mis-shaped tensors raise a `ValueError`."""
-        try:
-            with safe_open(gate_file, framework="pt") as weights:
-                state = {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError) as error:
-            raise ValueError(
-                f"Gate file '{gate_file}' is corrupted or not a safetensors file ({error}); re-download it or "
-                "save the ensemble again."
-            ) from error
-        expected = self.gate.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"Gate file '{gate_file}' does not match the gate: missing keys {missing}, unexpected keys "
-                f"{unexpected}. It was saved by another version or another model."
-            )
-        mismatched = [
-            f"{name}: file {tuple(state[name].shape)} vs config {tuple(tensor.shape)}"
-            for name, tensor in expected.items()
-            if state[name].shape != tensor.shape
-        ]
-        if mismatched:
-            raise ValueError(
-                f"Gate file '{gate_file}' has shapes that do not match the config ({'; '.join(mismatched)}): "
-                "the config's backbones, their embedding widths or gate_hidden_size differ from the gate's."
-            )
-        self.gate.load_state_dict(state, strict=True)
+        self.gate.load_state_dict(_load_strict(gate_file, self.gate.state_dict(), "gate"), strict=True)
 
 
 def _load_strict(file: str | os.PathLike, expected: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
@@ -590,11 +565,16 @@ def _load_strict(file: str | os.PathLike, expected: dict[str, torch.Tensor], wha
             "ensemble again."
         ) from error
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    mismatched = [name for name in expected if name in state and state[name].shape != expected[name].shape]
+    mismatched = [
+        f"{name}: file {tuple(state[name].shape)} vs config {tuple(tensor.shape)}"
+        for name, tensor in expected.items()
+        if name in state and state[name].shape != tensor.shape
+    ]
     if missing or unexpected or mismatched:
         raise ValueError(
             f"The {what} file '{file}' does not match the config: missing keys {missing}, unexpected keys "
-            f"{unexpected}, mis-shaped {mismatched}. It was saved by another version or another model."
+            f"{unexpected}, mis-shaped {mismatched}. It was saved by another version or another model, or the "
+            "config's backbones, their embedding widths or gate_hidden_size differ from the file's."
         )
     return state
 

@@ -39,7 +39,29 @@ def _pixel_inputs(model: CLIPEnsembleModel, image: ImageInput) -> dict[str, torc
     return {f"pixel_values_{b}": pixels for b, pixels in enumerate(pixel_values)}
 
 
-class CLIPEnsemblePipeline(Pipeline):
+class _EnsemblePipeline(Pipeline):
+    """What both pipelines share: the ensemble preprocesses with its own per-backbone processor (nothing to load
+    from the repo), and the base class batches only when an image processor is set."""
+
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+    _task: str  # the task name each subclass serves
+
+    def __init__(self, model: CLIPEnsembleModel, **kwargs):
+        if not isinstance(model, CLIPEnsembleModel):
+            raise TypeError(
+                f"{type(self).__name__} needs a CLIPEnsembleModel, got {type(model).__name__}; load one with "
+                "`CLIPEnsembleModel.from_pretrained`."
+            )
+        kwargs.setdefault("task", self._task)
+        kwargs.setdefault("image_processor", model.processor)  # one tensor per backbone
+        super().__init__(model=model, **kwargs)
+        self.model.eval()
+
+
+class CLIPEnsemblePipeline(_EnsemblePipeline):
     """Image classification with a `CLIPEnsembleModel`: per image, the `top_k` labels (5 by default) with their
     probabilities, `[{"label": ..., "score": ...}, ...]`, best first, as transformers' image-classification pipeline
     returns them.
@@ -61,23 +83,7 @@ class CLIPEnsemblePipeline(Pipeline):
     encoded bytes or arrays. Batching (`batch_size=`) stacks each backbone's pixel values separately.
     """
 
-    # The ensemble preprocesses with its own per-backbone processor: nothing to load from the repo.
-    _load_processor = False
-    _load_image_processor = False
-    _load_feature_extractor = False
-    _load_tokenizer = False
-
-    def __init__(self, model: CLIPEnsembleModel, **kwargs):
-        if not isinstance(model, CLIPEnsembleModel):
-            raise TypeError(
-                f"CLIPEnsemblePipeline needs a CLIPEnsembleModel, got {type(model).__name__}; load one with "
-                "`CLIPEnsembleModel.from_pretrained`."
-            )
-        kwargs.setdefault("task", "image-classification")
-        # The base class batches only when an image processor is set; ours returns one tensor per backbone.
-        kwargs.setdefault("image_processor", model.processor)
-        super().__init__(model=model, **kwargs)
-        self.model.eval()
+    _task = "image-classification"
 
     def _sanitize_parameters(self, top_k: int | None = None) -> tuple[dict, dict, dict]:
         postprocess = {}
@@ -136,7 +142,7 @@ def _templates(hypothesis_template: str | Sequence[str]) -> list[str] | str:
     return list(hypothesis_template)
 
 
-class CLIPEnsembleZeroShotPipeline(Pipeline):
+class CLIPEnsembleZeroShotPipeline(_EnsemblePipeline):
     """Zero-shot image classification with a `CLIPEnsembleModel`: any `candidate_labels` per call, scored by every
     backbone's zero-shot head for those labels and combined by the calibrated gate (it reads image embeddings only,
     so it does not depend on the labels). Output as transformers' zero-shot pipeline gives it: per image, every
@@ -159,21 +165,7 @@ class CLIPEnsembleZeroShotPipeline(Pipeline):
     label set seen before costs no text forward pass. The model's own labels are left as they were.
     """
 
-    _load_processor = False
-    _load_image_processor = False
-    _load_feature_extractor = False
-    _load_tokenizer = False
-
-    def __init__(self, model: CLIPEnsembleModel, **kwargs):
-        if not isinstance(model, CLIPEnsembleModel):
-            raise TypeError(
-                f"CLIPEnsembleZeroShotPipeline needs a CLIPEnsembleModel, got {type(model).__name__}; load one with "
-                "`CLIPEnsembleModel.from_pretrained`."
-            )
-        kwargs.setdefault("task", ZERO_SHOT_TASK)
-        kwargs.setdefault("image_processor", model.processor)  # so that the base class batches
-        super().__init__(model=model, **kwargs)
-        self.model.eval()
+    _task = ZERO_SHOT_TASK
 
     def __call__(self, image, candidate_labels=None, **kwargs):
         image = kwargs.pop("images", image)
