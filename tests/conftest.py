@@ -89,3 +89,22 @@ def digits_task(digits_backbone_dirs):
 
     model = CLIPEnsembleModel.from_backbones(digits_backbone_dirs, labels=list(DIGIT_CLASSES))
     return feature_task("digits", model, digits_dataset("pool"), digits_dataset("test"), FeatureCache(None))
+
+
+@pytest.fixture(scope="module")
+def feature_cache():
+    """An in-memory feature cache, one per test module."""
+    from clip_ensemble.features import FeatureCache
+
+    return FeatureCache(None)
+
+
+@pytest.fixture(scope="module")
+def toy_calibration(toy_backbone_dirs, feature_cache):
+    """The toy ensemble calibrated on 4 shots per class, and its `CalibrationReport` (one per test module)."""
+    from clip_ensemble import CLIPEnsembleModel, calibrate
+    from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
+
+    model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
+    report = calibrate(model, toy_dataset(per_class=16, seed=3), shots=4, seed=0, cache=feature_cache, progress=False)
+    return model, report

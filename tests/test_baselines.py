@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate, evaluate
+from clip_ensemble import CLIPEnsembleModel, evaluate
 from clip_ensemble import baselines as baselines_module
 from clip_ensemble.baselines import LINEAR_PROBE, STACKING, TIP_ADAPTER, _cache_terms, fit_baselines
 from clip_ensemble.cli import main
@@ -101,22 +101,10 @@ def test_bad_widths_are_a_clear_error():
         fit_baselines(_features(2, seed=0), WIDTHS, [100.0], seed=0)
 
 
-@pytest.fixture(scope="module")
-def cache():
-    return FeatureCache(None)
-
-
-@pytest.fixture(scope="module")
-def calibrated(toy_backbone_dirs, cache):
-    model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
-    report = calibrate(model, toy_dataset(per_class=16, seed=3), shots=4, seed=0, cache=cache, progress=False)
-    return model, report
-
-
-def test_evaluate_lists_the_baselines_fitted_on_the_calibration_images(calibrated, cache, tmp_path):
-    model, calibration = calibrated
+def test_evaluate_lists_the_baselines_fitted_on_the_calibration_images(toy_calibration, feature_cache, tmp_path):
+    model, calibration = toy_calibration
     test_data = toy_dataset(per_class=30, seed=7)
-    report = evaluate(model, test_data, support=calibration, cache=cache, progress=False)
+    report = evaluate(model, test_data, support=calibration, cache=feature_cache, progress=False)
     top1 = {row["method"]: row["top1"] for row in report.rows()}
     for name in NAMES:
         assert 0.5 < top1[name] <= 1.0, (name, top1)  # 6 classes: chance is 1/6
@@ -125,10 +113,10 @@ def test_evaluate_lists_the_baselines_fitted_on_the_calibration_images(calibrate
     assert saved[TIP_ADAPTER]["settings"].keys() == {"alpha", "beta"} and saved[STACKING]["folds"] == 5
 
     # The same calibration images given as data: the same baselines.
-    same = evaluate(model, test_data, support=calibration.support, cache=cache, progress=False)
+    same = evaluate(model, test_data, support=calibration.support, cache=feature_cache, progress=False)
     assert same.rows() == report.rows() and same.baselines == report.baselines
     # Without support, the report is as before.
-    plain = evaluate(model, test_data, cache=cache, progress=False)
+    plain = evaluate(model, test_data, cache=feature_cache, progress=False)
     assert not plain.baselines and "baselines" not in plain.to_dict()
     assert [row for row in report.rows() if row["method"] not in NAMES] == plain.rows()
 
@@ -141,8 +129,8 @@ def test_evaluate_lists_the_baselines_fitted_on_the_calibration_images(calibrate
     )
 
 
-def test_cli_evaluate_redraws_the_support_set(calibrated, toy_backbone_dirs, tmp_path, capsys):
-    model, _ = calibrated
+def test_cli_evaluate_redraws_the_support_set(toy_calibration, toy_backbone_dirs, tmp_path, capsys):
+    model, _ = toy_calibration
     model.save_pretrained(tmp_path / "gate")
     data = toy_dataset(per_class=5, seed=3)
     for i, (image, label) in enumerate(zip(data.images, data.labels)):

@@ -15,9 +15,7 @@ from clip_ensemble import (
     CLIPEnsembleModel,
     CLIPEnsemblePipeline,
     CLIPEnsembleZeroShotPipeline,
-    FeatureCache,
     TransformersBackbone,
-    calibrate,
     evaluate,
 )
 from clip_ensemble.evaluate_modules import CLIPEnsembleEvaluator, MeanPerClassRecall, TopKAccuracy
@@ -25,15 +23,8 @@ from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 
 @pytest.fixture(scope="module")
-def cache():
-    return FeatureCache(None)
-
-
-@pytest.fixture(scope="module")
-def calibrated(toy_backbone_dirs, cache):
-    model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
-    calibrate(model, toy_dataset(per_class=16, seed=3), shots=4, seed=0, cache=cache, progress=False)
-    return model
+def calibrated(toy_calibration):
+    return toy_calibration[0]
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +66,9 @@ def test_transformers_pipeline_loads_a_saved_ensemble(calibrated, test_dataset, 
 
 
 @pytest.mark.parametrize("calibrated_gate", [True, False])
-def test_evaluator_agrees_with_evaluate(toy_backbone_dirs, calibrated, test_dataset, cache, calibrated_gate):
+def test_evaluator_agrees_with_evaluate(toy_backbone_dirs, calibrated, test_dataset, feature_cache, calibrated_gate):
     model = calibrated if calibrated_gate else CLIPEnsembleModel.from_backbones(toy_backbone_dirs, list(TOY_CLASSES))
-    expected = _gate_row(evaluate(model, test_dataset, cache=cache, progress=False))
+    expected = _gate_row(evaluate(model, test_dataset, cache=feature_cache, progress=False))
     results = CLIPEnsembleEvaluator(ranked=True).compute(model_or_pipeline=model, data=test_dataset)
     assert results["accuracy"] == expected["top1"]
     assert results["top_5_accuracy"] == expected["top5"]
