@@ -33,7 +33,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .backbones import LOCAL_DIR_PREFIX
-from .calibration import calibrate
+from .calibration import CalibrationReport, calibrate
 from .data import LabelledImages, from_lists, load_labelled_data, sample_few_shot
 from .evaluation import EvaluationReport, align_labels, evaluate_embeddings
 from .features import FeatureCache
@@ -264,51 +264,9 @@ def _percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def calibration_verdict(report) -> str:
-    """The calibration report's verdict in plain words, first: the gate against plain averaging and the best backbone.
-
-    Reads the `CalibrationReport` fields defensively, so that it keeps working as the report grows (`chosen`, the
-    cross-validated accuracies).
-    """
-    own = getattr(report, "verdict", None)
-    if callable(own):  # the report says what calibration chose and why: that is the verdict
-        return f"Verdict: {own()}"
-    backbones = dict(getattr(report, "backbone_accuracy", {}) or {})
-    best_name = max(backbones, key=backbones.get) if backbones else None
-    averaging = getattr(report, "mean_logits_accuracy", None)
-    held_out = getattr(report, "val_accuracy", None)
-    cross_validated = getattr(report, "cv_accuracy", None) or getattr(report, "cross_validated_accuracy", None)
-    lines = []
-    chosen = getattr(report, "chosen", None)
-    if chosen:
-        lines.append(f"Verdict: calibration chose {chosen} (by cross-validation on your images).")
-    if isinstance(cross_validated, dict) and cross_validated:
-        lines.append(
-            "Cross-validated accuracy: " + ", ".join(f"{name} {_percent(acc)}" for name, acc in cross_validated.items())
-        )
-    if held_out is not None:
-        comparison = []
-        if averaging is not None:
-            comparison.append(f"plain averaging {_percent(averaging)}")
-        if best_name is not None:
-            comparison.append(f"the best backbone ({best_name}) {_percent(backbones[best_name])}")
-        beats = [
-            held_out > acc for acc in ([averaging] if averaging is not None else []) + [backbones.get(best_name, 0.0)]
-        ]
-        word = "beats" if all(beats) else "does not beat"
-        lines.append(
-            f"{'' if chosen else 'Verdict: '}the gate scores {_percent(held_out)} on the images held out from its "
-            f"training; {', '.join(comparison)} on all calibration images: the gate {word} "
-            + ("both." if len(comparison) > 1 else "it.")
-        )
-    elif not chosen:
-        lines.append(
-            "Verdict: too few images per label to hold any out, so the gate's accuracy on unseen images is not known "
-            f"here; plain averaging scores {_percent(averaging)} and the best backbone ({best_name}) "
-            f"{_percent(backbones.get(best_name))} on the calibration images. Upload 4 or more images per label for a "
-            "held-out check, or use the Evaluate tab."
-        )
-    return "\n".join(lines)
+def calibration_verdict(report: CalibrationReport) -> str:
+    """The calibration report's verdict in plain words, first: what calibration kept and why."""
+    return f"Verdict: {report.verdict()}"
 
 
 def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
