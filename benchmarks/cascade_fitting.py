@@ -1,10 +1,10 @@
-"""What fitting a cascade costs at paper scale: 9 backbones of the real widths, 1000 classes x 16 shots, synthetic
-features (benchmarks/gate_training.py's generator).
+"""What fitting a cascade costs at paper scale, and what it saves: 9 backbones of the paper's widths, 1000 classes x
+16 shots of synthetic features (clip_ensemble.tasks.synthetic), costed with the GFLOPs of the nine OpenAI CLIPs
+(hub_configs/paper-openai-9.json).
 
-`fit_cascade` calls calibration's `fit_calibrated_gate` once per prefix of 2..B-1 backbones on all calibration
-examples, and on each of its folds' training parts once per prefix of 2..B backbones (the out-of-fold estimate of
-the stopping rule). This times `fit_calibrated_gate` over the first 2 widths and over all 9, and prints
-how many calls of each size a cascade makes. Prints a table; `--save` writes it to benchmarks/results/.
+Times calibration's `fit_calibrated_gate` (the full gate) and then `fit_cascade`, which reuses the full gate's
+out-of-fold answers and calls `fit_calibrated_gate` once per prefix of 2..8 backbones; scores both on the held-out
+test images. Prints a table; `--save` writes it to benchmarks/results/cascade_fitting.md.
 
     python benchmarks/cascade_fitting.py [--save]
 """
@@ -15,51 +15,69 @@ import argparse
 import time
 from pathlib import Path
 
-from gate_training import WIDTHS, synthetic_features
-from tables import machine, save_result
+import torch
+from tables import save_result
 
+from clip_ensemble.cascade import fit_cascade, run_on_features
 from clip_ensemble.fitting import Features, fit_calibrated_gate
-from clip_ensemble.gate import EnsembleGate
+from clip_ensemble.gate import EnsembleGate, combine_logits
+from clip_ensemble.hub_configs import load_hub_config
+from clip_ensemble.tasks.synthetic import WIDTHS, synthetic_task
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--shots", type=int, default=16)
-    parser.add_argument("--folds", type=int, default=3, help="fit_cascade's out-of-fold folds (its default: 3)")
+    parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
 
-    gate_inputs, logits, labels = synthetic_features(args.classes, args.shots)
-    rows = []
-    for k in (2, len(WIDTHS)):
-        width = sum(WIDTHS[:k])
-        features = Features(gate_inputs[:, :width].contiguous(), logits[:, :k].contiguous(), labels)
-        started = time.perf_counter()
-        choice = fit_calibrated_gate(EnsembleGate(list(WIDTHS[:k])), features, seed=0)
-        rows.append((k, time.perf_counter() - started, choice.chosen))
-    b = len(WIDTHS)
-    calls = f"{b - 2} prefixes (2..{b - 1} backbones) x ({args.folds} folds + 1) and the full gate x {args.folds} folds"
+    task = synthetic_task(num_classes=args.classes, pool_shots=args.shots, test_per_class=10)
+    support = Features(torch.cat(task.pool_embeds, -1), task.logits(task.pool_embeds), task.pool_labels)
+    test = Features(torch.cat(task.test_embeds, -1), task.logits(task.test_embeds), task.test_labels)
+    gflops = [entry["image_gflops"] for entry in load_hub_config("paper-openai-9")["backbones"]]
+    dims = list(WIDTHS)
+
+    gate = EnsembleGate(dims)
+    started = time.perf_counter()
+    choice = fit_calibrated_gate(gate, support, seed=0)
+    gate_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    cascade, report = fit_cascade(support, dims, gflops, choice.out_of_fold, tolerance=args.tolerance, seed=0,
+                                  names=[n.removeprefix("synthetic ") for n in task.backbone_names])  # fmt: skip
+    cascade_seconds = time.perf_counter() - started
+    with torch.no_grad():
+        full = combine_logits(test.logits, gate(test.gate_inputs))
+        logits, run = run_on_features(cascade, gate, test, dims)
+    costs = torch.tensor([0.0] + [gflops[b] for b in cascade.order]).cumsum(0)
+    full_top1 = float((full.argmax(-1) == test.labels).float().mean())
+    cascade_top1 = float((logits.argmax(-1) == test.labels).float().mean())
+    share = float(costs[run].mean()) / sum(gflops)
+    stops = ", ".join(
+        f"{name} {100 * float((run == k + 1).float().mean()):.0f}%" for k, name in enumerate(report.order)
+    )
     table = "\n".join(
         [
-            "| fit_calibrated_gate over | seconds | chosen |",
-            "|---|---:|---|",
-            *(f"| {k} backbones | {seconds:.1f} | {chosen} |" for k, seconds, chosen in rows),
-            "",
-            f"fit_cascade calls fit_calibrated_gate for {calls}.",
+            "| measure | value |",
+            "|---|---|",
+            f"| calibration of the full gate ({choice.chosen}) | {gate_seconds:.1f} s |",
+            f"| cascade fitting (prefix gates and stopping rule) | {cascade_seconds:.1f} s |",
+            f"| test top-1, full ensemble | {100 * full_top1:.2f}% at {sum(gflops):.0f} GFLOPs/image |",
+            f"| test top-1, cascade at tolerance {args.tolerance} | {100 * cascade_top1:.2f}% at "
+            f"{share * sum(gflops):.0f} GFLOPs/image ({100 * share:.0f}% of full) |",
+            f"| estimate on the calibration folds ({report.num_scored} images) | {100 * report.accuracy:.2f}% against "
+            f"{100 * report.full_accuracy:.2f}% at {100 * report.mean_gflops / report.full_gflops:.0f}% of the GFLOPs |",
+            f"| test images stopping after each backbone | {stops} |",
+            f"| what calibration chose per prefix gate | {', '.join(report.stage_choices)} |",
         ]
     )
-    setup = f"{args.classes} classes x {args.shots} shots, widths {WIDTHS}, synthetic features."
-    if args.save:
-        save_result(
-            Path(__file__).parent / "results" / "cascade_fitting.md",
-            "Cascade fitting at paper scale",
-            "python benchmarks/cascade_fitting.py",
-            setup,
-            table,
-        )
-    else:
-        print(f"{setup}\n{machine()}\n\n{table}")
+    setup = (
+        f"{args.classes} classes x {args.shots} shots ({len(support.labels)} calibration images, {len(test.labels)} "
+        f"test images), widths {WIDTHS}, synthetic features; GFLOPs/image {gflops}."
+    )
+    output = Path(__file__).parent / "results" / "cascade_fitting.md" if args.save else None
+    save_result(output, "Cascade fitting at paper scale", "python benchmarks/cascade_fitting.py", setup, table)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""Accuracy against compute on the offline colour task: the full ensemble, the best subset at half its budget, and
-the cascade at tolerance 0.01, each with top-1 and mean GFLOPs per image on held-out images.
+"""Accuracy against compute over the offline tasks of the few-shot benchmark: the full ensemble, the best subset at
+half its budget, and the cascade at tolerance 0.01, each with top-1 and mean GFLOPs per image on held-out images,
+over several k-shot draws (mean ± standard deviation over seeds).
 
-The three toy CLIPs (clip_ensemble/tasks/colours.py) are trained here in seconds; calibration uses `--shots` images
-per class, the test split is separate images. GFLOPs are measured with torch's FLOP counter (`model.backbone_gflops`).
-Wall-clock time per image, full ensemble against cascade, is measured side by side from pixel values (batches of
-`--batch-size`, preprocessing excluded): rounds alternate full and cascade, times are medians over rounds. Target: the
-cascade keeps top-1 within 1 point of the full ensemble at no more than half of its mean GFLOPs.
-Prints a table; `--save` also writes it to benchmarks/results/compute_accuracy.md and the chart beside it.
+Tasks (benchmarks/few_shot_accuracy.py): colours and digits, whose tiny CLIPs are trained here in seconds and whose
+GFLOPs are measured with torch's FLOP counter (`model.backbone_gflops`); synthetic, frozen features at the paper's
+nine widths, costed with the GFLOPs of the nine OpenAI CLIPs whose widths it copies (hub_configs/paper-openai-9.json).
+Everything is fitted on `--shots` images per class of the task's pool and scored on its test set.
+Wall-clock time per image, full ensemble against cascade, is measured side by side for the image tasks (first seed)
+from pixel values (batches of `--batch-size`, preprocessing excluded): rounds alternate full and cascade, times are
+medians over rounds. Target: the cascade keeps top-1 within 1 point of the full ensemble at no more than half of its
+mean GFLOPs. Prints a table; `--save` also writes it to benchmarks/results/compute_accuracy.md with a chart per task.
 
     python benchmarks/compute_accuracy.py [--save]
 """
@@ -19,122 +22,203 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from tables import machine, save_result
+from few_shot_accuracy import few_shot_indices
+from tables import save_result
 
-from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate, select_backbones
-from clip_ensemble.evaluation import accuracy_against_compute, compute_table
+from clip_ensemble import CLIPEnsembleModel, FeatureCache
+from clip_ensemble.cascade import CHART_TOLERANCES, fit_cascade, run_on_features
+from clip_ensemble.cost import cost_order
+from clip_ensemble.fitting import Features, fit_calibrated_gate
+from clip_ensemble.gate import EnsembleGate, combine_logits
+from clip_ensemble.hub_configs import load_hub_config
+from clip_ensemble.selection import weigh_subsets
 from clip_ensemble.tasks import TOY_CLASSES, toy_backbones, toy_dataset
+from clip_ensemble.tasks.digits import DIGIT_CLASSES, digits_backbones, digits_dataset
+from clip_ensemble.tasks.synthetic import FeatureTask, feature_task, synthetic_task
 
 RESULTS = Path(__file__).parent / "results"
 
 
-@torch.no_grad()
-def top1_and_gflops(model: CLIPEnsembleModel, embeds: list[torch.Tensor], labels: torch.Tensor) -> tuple[float, float]:
-    out = model(image_embeds=embeds)
-    return float((out.logits.argmax(-1) == labels).float().mean()), float(out.gflops.mean())
+def load_task(name: str, workdir: Path, synthetic_classes: int):
+    """(FeatureTask, GFLOPs per backbone, model and test images for wall-clock timing, or None for synthetic)."""
+    cache = FeatureCache(None)
+    if name == "colours":
+        model = CLIPEnsembleModel.from_backbones(toy_backbones(workdir / "colours"), labels=list(TOY_CLASSES))
+        pool, test = toy_dataset(per_class=32, seed=3), toy_dataset(per_class=100, seed=7)
+    elif name == "digits":
+        model = CLIPEnsembleModel.from_backbones(digits_backbones(workdir / "digits"), labels=list(DIGIT_CLASSES))
+        pool, test = digits_dataset("pool"), digits_dataset("test")
+    elif name == "synthetic":
+        task = synthetic_task(num_classes=synthetic_classes, pool_shots=16, test_per_class=10, seed=0)
+        gflops = [entry["image_gflops"] for entry in load_hub_config("paper-openai-9")["backbones"]]
+        return task, gflops, None
+    else:
+        raise ValueError(f"Unknown task '{name}'; choose from colours, digits, synthetic.")
+    return feature_task(name, model, pool, test, cache), model.backbone_gflops, (model, test.images)
 
 
-@torch.no_grad()
-def seconds_per_image(model: CLIPEnsembleModel, pixel_values: list[torch.Tensor], batch_size: int) -> float:
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def run_seed(task: FeatureTask, gflops: list[float], shots: int, seed: int, tolerance: float) -> dict:
+    """One k-shot draw: every method fitted on it, scored on the test set; the fitted gate and cascade for timing."""
+    dims = [e.shape[1] for e in task.pool_embeds]
+    pool = Features(torch.cat(task.pool_embeds, -1), task.logits(task.pool_embeds), task.pool_labels)
+    test = Features(torch.cat(task.test_embeds, -1), task.logits(task.test_embeds), task.test_labels)
+    support = pool.subset(few_shot_indices(pool.labels, shots, seed))
+    full_gflops = sum(gflops)
+
+    gate = EnsembleGate(dims)
     started = time.perf_counter()
-    n = len(pixel_values[0])
-    for start in range(0, n, batch_size):
-        model(pixel_values=[p[start : start + batch_size] for p in pixel_values])
-    return (time.perf_counter() - started) / n
+    choice = fit_calibrated_gate(gate, support, seed=seed)
+    gate_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    cascade, report = fit_cascade(support, dims, gflops, choice.out_of_fold, tolerance=tolerance, seed=seed)
+    cascade_seconds = time.perf_counter() - started
+    costs = torch.tensor([0.0] + [gflops[b] for b in cascade.order]).cumsum(0)  # after running k backbones
+    with torch.no_grad():
+        full_logits = combine_logits(test.logits, gate(test.gate_inputs))
+        points = [{"method": name, "kind": "backbone", "top1": top1(test.logits[:, b], test.labels),
+                   "gflops": gflops[b]} for b, name in enumerate(task.backbone_names)]  # fmt: skip
+        points.append({"method": "full ensemble", "kind": "full", "top1": top1(full_logits, test.labels),
+                       "gflops": full_gflops})  # fmt: skip
+        for t in CHART_TOLERANCES:  # the same gates at the stop margins of other tolerances
+            cascade.stop_margins = report.at_tolerance(t)["stop_margins"]
+            logits, run = run_on_features(cascade, gate, test, dims)
+            points.append({"method": f"cascade, tolerance {t:g}", "kind": "cascade", "top1": top1(logits, test.labels),
+                           "gflops": float(costs[run].mean())})  # fmt: skip
+        cascade.stop_margins = report.stop_margins
+        logits, run = run_on_features(cascade, gate, test, dims)
+
+    best, _, _ = weigh_subsets(support, dims, gflops, full_gflops / 2, seed=seed)
+    subset = list(best["indices"])
+    subset_gate = EnsembleGate([dims[b] for b in subset])
+    columns = torch.cat([torch.arange(sum(dims[:b]), sum(dims[: b + 1])) for b in subset])
+    fit_calibrated_gate(subset_gate, Features(support.gate_inputs[:, columns], support.logits[:, subset], support.labels),
+                        seed=seed)  # fmt: skip
+    with torch.no_grad():
+        subset_logits = combine_logits(test.logits[:, subset], subset_gate(test.gate_inputs[:, columns]))
+    points.append({"method": "best subset at half budget", "kind": "subset", "top1": top1(subset_logits, test.labels),
+                   "gflops": best["gflops"]})  # fmt: skip
+    return {
+        "full": top1(full_logits, test.labels),
+        "cascade": top1(logits, test.labels),
+        "cascade_share": float(costs[run].mean()) / full_gflops,
+        "estimated_share": report.mean_gflops / report.full_gflops,
+        "stopped_early": float((run < len(dims)).float().mean()),
+        "subset": top1(subset_logits, test.labels),
+        "subset_share": best["gflops"] / full_gflops,
+        "subset_names": "+".join(task.backbone_names[b].removeprefix("synthetic ") for b in subset),
+        "gate_seconds": gate_seconds,
+        "cascade_seconds": cascade_seconds,
+        "gate": gate,
+        "fitted_cascade": cascade,
+        "points": points,
+    }
+
+
+@torch.no_grad()
+def wall_clock(model: CLIPEnsembleModel, images: list, gate: EnsembleGate, cascade, batch_size: int, rounds: int):
+    """Median seconds per image from pixel values, full ensemble and cascade, in alternating rounds."""
+    model.gate.load_state_dict(gate.state_dict())
+    pixel_values = model.processor(images)["pixel_values"]
+    model.eval()
+
+    def seconds_per_image() -> float:
+        started = time.perf_counter()
+        for start in range(0, len(images), batch_size):
+            model(pixel_values=[p[start : start + batch_size] for p in pixel_values])
+        return (time.perf_counter() - started) / len(images)
+
+    seconds_per_image()  # warm-up
+    full, cascaded = [], []
+    for _ in range(rounds):
+        model.set_cascade(None)
+        full.append(seconds_per_image())
+        model.set_cascade(cascade)
+        cascaded.append(seconds_per_image())
+    model.set_cascade(None)
+    return statistics.median(full), statistics.median(cascaded)
+
+
+def spread(values: list[float], scale: float = 100) -> str:
+    return f"{scale * np.mean(values):.1f} ± {scale * np.std(values):.1f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="colours,digits,synthetic")
     parser.add_argument("--shots", type=int, default=16)
-    parser.add_argument("--test-per-class", type=int, default=100)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--synthetic-classes", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--workdir", help="where to keep the toy backbones (default: a temporary folder)")
-    parser.add_argument("--save", action="store_true", help="write the table and chart to benchmarks/results/")
+    parser.add_argument("--workdir", help="where to keep the tiny backbones (default: a temporary folder)")
+    parser.add_argument("--save", action="store_true", help="write the table and charts to benchmarks/results/")
     args = parser.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tiny-backbones-"))
 
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="toy-backbones-"))
-    model = CLIPEnsembleModel.from_backbones(toy_backbones(workdir), labels=list(TOY_CLASSES))
-    cache = FeatureCache(None)
-    calibration_data = toy_dataset(per_class=args.shots, seed=3)
-    test = toy_dataset(per_class=args.test_per_class, seed=7)
-    labels = torch.tensor(test.labels)
-
-    started = time.perf_counter()
-    report = calibrate(
-        model, calibration_data, shots=args.shots, cache=cache, progress=False, cascade_tolerance=args.tolerance
-    )
-    calibration_seconds = time.perf_counter() - started
-    embeds = cache.embed(model.backbones, test.images, progress=False)
-
-    cascade, info = model.cascade, dict(model.config.cascade)
-    cascade_top1, cascade_gflops = top1_and_gflops(model, embeds, labels)
-    points = accuracy_against_compute(model, embeds, labels)
-    model.set_cascade(None)
-    full_top1, full_gflops = top1_and_gflops(model, embeds, labels)
-
-    started = time.perf_counter()
-    subset, selection = select_backbones(
-        model, calibration_data, args.shots, budget_gflops=full_gflops / 2, cache=cache, progress=False
-    )
-    selection_seconds = time.perf_counter() - started
-    # The subset model shares the full model's backbone modules: its embeddings are columns of the full ones.
-    subset_embeds = [embeds[next(i for i, full in enumerate(model.backbones) if full is b)] for b in subset.backbones]
-    subset_top1, subset_gflops = top1_and_gflops(subset, subset_embeds, labels)
-    points.append({"method": f"best subset at half budget ({' + '.join(selection.chosen)}, gate)", "kind": "subset",
-                   "top1": subset_top1, "gflops": subset_gflops})  # fmt: skip
-
-    # Wall clock, side by side: the same pixel values through the full ensemble and the cascade, rounds alternating.
-    pixel_values = model.processor(test.images)["pixel_values"]
-    model.eval()
-    seconds_per_image(model, pixel_values, args.batch_size)  # warm-up
-    full_times, cascade_times = [], []
-    for _ in range(args.rounds):
-        model.set_cascade(None)
-        full_times.append(seconds_per_image(model, pixel_values, args.batch_size))
-        model.set_cascade(cascade, **info)
-        cascade_times.append(seconds_per_image(model, pixel_values, args.batch_size))
-    full_ms, cascade_ms = 1000 * statistics.median(full_times), 1000 * statistics.median(cascade_times)
-
-    def row(name: str, top1: float, gflops: float, ms: str = "") -> str:
-        return f"| {name} | {100 * top1:.2f} | {1e3 * gflops:.3f} | {100 * gflops / full_gflops:.0f}% | {ms} |"
+    rows, notes, charts = [], [], []
+    for name in args.tasks.split(","):
+        task, gflops, timing = load_task(name, workdir, args.synthetic_classes)
+        runs = [run_seed(task, gflops, args.shots, seed, args.tolerance) for seed in range(args.seeds)]
+        losses = [r["full"] - r["cascade"] for r in runs]
+        shares = [r["cascade_share"] for r in runs]
+        met = sum(loss <= 0.01 + 1e-9 and share <= 0.5 for loss, share in zip(losses, shares))
+        clock = ""
+        if timing is not None:
+            model, images = timing
+            full_s, cascade_s = wall_clock(model, images, runs[0]["gate"], runs[0]["fitted_cascade"], args.batch_size,
+                                           args.rounds)  # fmt: skip
+            clock = f"{1e3 * full_s:.3f} / {1e3 * cascade_s:.3f}"
+        subsets = sorted({r["subset_names"] for r in runs})
+        rows.append(
+            f"| {name} | {spread([r['full'] for r in runs])} | {spread([r['subset'] for r in runs])} at "
+            f"{spread([r['subset_share'] for r in runs], 100)}% | {spread([r['cascade'] for r in runs])} | "
+            f"{spread(losses)} | {spread(shares)}% | {spread([r['stopped_early'] for r in runs])}% | {met}/{len(runs)} "
+            f"| {clock} |"
+        )
+        order = " -> ".join(task.backbone_names[b].removeprefix("synthetic ") for b in cost_order(gflops))
+        notes.append(
+            f"- {name}: {len(task.label_names)} classes, {args.shots * len(task.label_names)} calibration and "
+            f"{len(task.test_labels)} test images; cascade order {order} (GFLOPs/image "
+            + ", ".join(f"{gflops[b]:.3g}" for b in cost_order(gflops))
+            + f"); estimated share of GFLOPs on the calibration folds {spread([r['estimated_share'] for r in runs])}%; "
+            f"fitting: gate {np.mean([r['gate_seconds'] for r in runs]):.1f} s, cascade "
+            f"{np.mean([r['cascade_seconds'] for r in runs]):.1f} s; subsets chosen: {', '.join(subsets)}"
+        )
+        charts.append((name, runs[0]["points"]))
 
     table = "\n".join(
         [
-            "| method | top-1 (%) | MFLOPs/image | of full | ms/image (CPU) |",
-            "|---|---:|---:|---:|---:|",
-            row("full ensemble (gate)", full_top1, full_gflops, f"{full_ms:.3f}"),
-            row(f"best subset at half budget: {' + '.join(selection.chosen)}", subset_top1, subset_gflops),
-            row(f"cascade, tolerance {args.tolerance}", cascade_top1, cascade_gflops, f"{cascade_ms:.3f}"),
+            "| task | full ensemble | best subset at half budget (top-1 at % of GFLOPs) | cascade | cascade's loss "
+            "(points) | cascade's GFLOPs (% of full) | images stopped early | seeds meeting the target | ms/image "
+            "full / cascade (CPU) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *rows,
             "",
-            f"Cascade on the calibration folds (estimate): {report.cascade}",
-            f"Calibration with the cascade: {calibration_seconds:.1f} s (gate {report.gate_seconds:.1f} s, cascade "
-            f"{report.cascade.seconds:.1f} s); subset selection: {selection_seconds:.1f} s.",
+            *notes,
             "",
-            "Every point of the chart:",
-            "",
-            compute_table(points),
+            *(f"![{name}: accuracy against compute](compute_accuracy_{name}.png)" for name, _ in charts),
         ]
     )
     setup = (
-        f"Colour task: 3 toy CLIPs, {len(TOY_CLASSES)} classes, {args.shots} calibration shots per class, "
-        f"{len(labels)} test images; backbone MFLOPs/image "
-        + ", ".join(f"{n} {1e3 * g:.3f}" for n, g in zip(model.config.backbone_names, model.backbone_gflops))
-        + f"; wall clock: median of {args.rounds} alternating rounds, batches of {args.batch_size}."
+        f"Top-1 % on held-out images, mean ± std over {args.seeds} seeds (k-shot draws) of {args.shots} shots per "
+        f"class; cascade at tolerance {args.tolerance}; target: loss <= 1 point at <= 50% of the full ensemble's "
+        f"GFLOPs. Wall clock: first seed, median of {args.rounds} alternating rounds, batches of {args.batch_size}."
     )
+    save_result(RESULTS / "compute_accuracy.md" if args.save else None, "Accuracy against compute",
+                "python benchmarks/compute_accuracy.py", setup, table)  # fmt: skip
     if args.save:
-        save_result(RESULTS / "compute_accuracy.md", "Accuracy against compute", "python benchmarks/compute_accuracy.py",
-                    setup, table + "\n\n![Accuracy against compute](compute_accuracy.png)")  # fmt: skip
-        try:
-            from clip_ensemble.report import compute_accuracy_chart
+        from clip_ensemble.report import compute_accuracy_chart
 
-            compute_accuracy_chart(points, RESULTS / "compute_accuracy.png", "Colour task: accuracy against compute")
-        except ImportError:
-            print("matplotlib is missing: no chart (pip install 'clip-ensemble[report]')")
-    else:
-        print(f"{setup}\n{machine()}\n\n{table}")
+        for name, points in charts:
+            compute_accuracy_chart(points, RESULTS / f"compute_accuracy_{name}.png",
+                                   f"{name}: accuracy against compute (seed 0, {args.shots} shots)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .cascade import CascadeReport, fit_cascade
+from .cascade import CHART_TOLERANCES, CascadeReport, fit_cascade
 from .data import LabelledImages, load_labelled_data, sample_few_shot
 from .features import FeatureCache
-from .fitting import BEST_BACKBONE, GATE, MEAN_OF_LOGITS, STATIC_WEIGHTS, Features, fit_calibrated_gate
+from .fitting import BEST_BACKBONE, GATE, MEAN_OF_LOGITS, STATIC_WEIGHTS, Features, GateChoice, fit_calibrated_gate
 from .gate import combine_logits
 from .modeling_clip_ensemble import CLIPEnsembleModel
 
@@ -103,8 +103,8 @@ def calibrate(
     on-disk cache), so a second calibration on the same images runs no backbone. Deterministic for a seed.
 
     `cascade_tolerance` (e.g. 0.01, one point of top-1) also fits a cascade (`clip_ensemble.cascade.fit_cascade`):
-    backbones run cheapest first and confident images stop early, with the largest saving whose cross-validated
-    top-1 stays within that tolerance of the full ensemble's. `None` (the default) removes any cascade.
+    backbones run cheapest first and an image stops once the rest are unlikely to change its answer, with the
+    largest saving whose cross-validated top-1 stays within that tolerance of the full ensemble's. `None` (the default) removes any cascade.
     """
     if cascade_tolerance is not None and (
         isinstance(cascade_tolerance, bool)
@@ -137,7 +137,7 @@ def calibrate(
     cascade = None
     model.set_cascade(None)
     if cascade_tolerance is not None:
-        cascade = fit_cascade(model, features, tolerance=cascade_tolerance, seed=seed)
+        cascade = _fit_cascade(model, features, choice, cascade_tolerance, seed)
 
     with torch.no_grad():
         final = combine_logits(per_backbone_logits, model.gate(features.gate_inputs))
@@ -181,11 +181,41 @@ def calibrate(
         model.config.calibration["cascade"] = {
             "tolerance": cascade.tolerance,
             "order": cascade.order,
-            "threshold": cascade.threshold,
+            "risk": cascade.risk,
             "cross_validated_accuracy": round(cascade.accuracy, 4),
             "mean_gflops": round(cascade.mean_gflops, 4),
             "full_gflops": round(cascade.full_gflops, 4),
         }
+    return report
+
+
+def _fit_cascade(
+    model: CLIPEnsembleModel, features: Features, full: GateChoice, tolerance: float, seed: int
+) -> CascadeReport:
+    """Fit a cascade on the calibration features (the gate's own out-of-fold answers are the full ensemble's) and set
+    it on `model`, with what its fitting estimated and the stop margins of other tolerances (for charts)."""
+    cascade, report = fit_cascade(
+        features,
+        model.embed_dims,
+        model.backbone_gflops,
+        full.out_of_fold,
+        tolerance=tolerance,
+        seed=seed,
+        hidden_size=model.config.gate_hidden_size,
+        combination=model.config.combination,
+        names=model.config.backbone_names,
+    )
+    model.set_cascade(
+        cascade.to(model.gate.fc1.weight.device),
+        tolerance=report.tolerance,
+        risk=report.risk,
+        mean_gflops=round(report.mean_gflops, 6),
+        full_gflops=round(report.full_gflops, 6),
+        cross_validated_accuracy=round(report.accuracy, 4),
+        full_cross_validated_accuracy=round(report.full_accuracy, 4),
+        stop_fractions=[round(f, 4) for f in report.stop_fractions],
+        stop_margins_by_tolerance={str(t): report.at_tolerance(t)["stop_margins"] for t in CHART_TOLERANCES},
+    )
     return report
 
 

@@ -1,58 +1,57 @@
-"""Fitting a cascade on cached calibration features: a gate per prefix of the cheapest-first order, and the stopping
-rule (one margin threshold) with the largest saving whose out-of-fold accuracy stays within a tolerance of the full
-ensemble's."""
+"""Fitting a cascade on cached calibration features: a gate per prefix of the cheapest-first order, and a stopping
+rule per stage, fitted so that an image stops only where the backbones still to run are unlikely to change its
+answer, with the largest saving whose out-of-fold top-1 stays within a tolerance of the full ensemble's."""
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from .cost import Cascade, cost_order, margins
-from .fitting import Features, cross_validation_folds, fit_calibrated_gate
+from .cost import Cascade, cost_order
+from .fitting import Features, OutOfFold, fit_calibrated_gate
 from .gate import EnsembleGate, combine_logits
-from .modeling_clip_ensemble import CLIPEnsembleModel
 
 SINGLE_BACKBONE = "single backbone"  # the first stage: the cheapest backbone's own logits, unweighted
-# Tolerances whose thresholds are kept in the config, for accuracy-against-compute charts.
+# Tolerances whose stopping margins are kept in the config, for accuracy-against-compute charts.
 CHART_TOLERANCES = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1)
-# Margin thresholds tried: this many quantiles of the early stages' out-of-fold margins.
-_NUM_THRESHOLDS = 200
+# Risks tried: the estimated chance, among the images a stage stops, that the full ensemble would answer otherwise.
+RISKS = tuple(float(r) for r in np.geomspace(1e-3, 0.5, 28))
 
 
 @dataclass
 class CascadeReport:
-    """What the cascade's fitting chose: out-of-fold top-1 and mean GFLOPs per image, of the full ensemble and of the
-    cascade at the chosen threshold, and the trade-off at every threshold tried."""
+    """What the cascade's fitting chose: out-of-fold top-1 and mean GFLOPs per image of the full ensemble and of the
+    cascade at the chosen risk, and the trade-off at every risk tried."""
 
     order: list[str]  # backbone names, cheapest first
     tolerance: float
-    threshold: float | None  # None: never stops early
+    risk: float | None  # the chosen risk; None: never stops early
+    stop_margins: list[float | None]  # per stage but the last: the margin at which an image stops (None: never)
     full_gflops: float
     full_accuracy: float  # out-of-fold top-1 of the full ensemble
-    accuracy: float  # out-of-fold top-1 of the cascade at `threshold`
-    mean_gflops: float  # mean GFLOPs per image of the cascade at `threshold`, out of fold
+    accuracy: float  # out-of-fold top-1 of the cascade
+    mean_gflops: float  # mean GFLOPs per image of the cascade, out of fold
     stop_fractions: list[float]  # fraction of images that stop after each backbone of `order`
     stage_choices: list[str]  # what calibration chose for each prefix gate (gate, averaging, best backbone)
-    num_folds: int
+    num_scored: int  # calibration images with out-of-fold answers, on which the rule was fitted
     seconds: float
-    tradeoff: list[dict] = field(default_factory=list)  # per threshold tried: threshold, accuracy, mean_gflops
+    tradeoff: list[dict] = field(default_factory=list)  # per risk tried: risk, stop_margins, accuracy, mean_gflops
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def at_tolerance(self, tolerance: float) -> dict:
-        """The threshold, accuracy and mean GFLOPs that tolerance `tolerance` would have chosen (for charts)."""
-        return _choose(self.tradeoff, self.full_accuracy, tolerance)
+        """The point (risk, stop margins, accuracy, mean GFLOPs) that `tolerance` would have chosen (for charts)."""
+        return _choose(self.tradeoff, tolerance)
 
     def __str__(self) -> str:
         stops = ", ".join(f"{name} {100 * f:.0f}%" for name, f in zip(self.order, self.stop_fractions))
-        threshold = "never stops early" if self.threshold is None else f"stops at margin {self.threshold:.3g}"
+        rule = "never stops early" if self.risk is None else f"stops where the change risk is under {self.risk:.2g}"
         return (
-            f"Cascade (tolerance {self.tolerance}): {threshold}; out of fold ({self.num_folds} folds) top-1 "
+            f"Cascade (tolerance {self.tolerance}): {rule}; out of fold ({self.num_scored} images) top-1 "
             f"{100 * self.accuracy:.1f}% at {self.mean_gflops:.3g} GFLOPs/image against the full ensemble's "
             f"{100 * self.full_accuracy:.1f}% at {self.full_gflops:.3g}; images stopping after each backbone: {stops} "
             f"({self.seconds:.1f} s)"
@@ -72,48 +71,114 @@ def _prefix(features: Features, embed_dims: list[int], backbones: list[int]) -> 
     )
 
 
-def _stage_outputs(gates: list[EnsembleGate], features: Features, embed_dims: list[int], order: list[int]):
-    """Each stage's (predictions (n,), margins (n,)) on `features`: gates[k] over the first k + 1 of `order`."""
-    outputs = []
-    with torch.no_grad():
-        for k, gate in enumerate(gates):
-            prefix = _prefix(features, embed_dims, order[: k + 1]) if k < len(order) - 1 else features
-            combined = combine_logits(prefix.logits, gate(prefix.gate_inputs))
-            outputs.append((combined.argmax(-1), margins(combined)))
-    return outputs
+def stop_margins(stages: list[OutOfFold], full: OutOfFold, risk: float) -> list[float | None]:
+    """Per early stage, the lowest margin at which an image may stop there, or None where none may.
+
+    Stage by stage, over the images that have not stopped yet: sorted by the stage's margin, the largest top group
+    whose estimated change rate, (images whose stage answer differs from the full ensemble's + 1) / (images + 2),
+    is at most `risk` stops. The +1 and +2 (a uniform prior on the rate) keep a few agreeing images from looking
+    safe: a rate under 1% needs about 100 images behind it.
+    """
+    running = torch.ones(len(full.predictions), dtype=torch.bool)
+    margins: list[float | None] = []
+    for stage in stages:
+        candidates = running.nonzero().squeeze(1)
+        stage_margins = stage.margins[candidates].cpu()
+        ranked = stage_margins.argsort(descending=True)
+        sorted_margins = stage_margins[ranked]
+        changes = (stage.predictions[candidates] != full.predictions[candidates]).cpu()[ranked].cumsum(0)
+        count = torch.arange(1, len(ranked) + 1)
+        rate = (changes + 1) / (count + 2)
+        # A group must end where the margin drops, so that a threshold separates it from the rest.
+        ends = torch.ones(len(ranked), dtype=torch.bool)
+        ends[:-1] = sorted_margins[:-1] > sorted_margins[1:]
+        feasible = ((rate <= risk) & ends & torch.isfinite(sorted_margins)).nonzero()
+        if len(feasible) == 0:
+            margins.append(None)
+            continue
+        threshold = float(sorted_margins[int(feasible[-1])])
+        margins.append(threshold)
+        running[candidates[stage_margins >= threshold]] = False
+    return margins
 
 
-def _simulate(predictions: torch.Tensor, stage_margins: torch.Tensor, threshold: float | None) -> torch.Tensor:
-    """(stages, n) predictions and margins -> (n,) the stage each image stops at (the last when none is sure)."""
-    stages, n = predictions.shape
-    if threshold is None:
-        return torch.full((n,), stages - 1)
-    sure = stage_margins >= threshold
-    sure[-1] = True
-    return sure.float().argmax(0)  # the first stage that is sure
+def _simulate(stages: list[OutOfFold], full: OutOfFold, thresholds: list[float | None]) -> torch.Tensor:
+    """(m,) the stage each scored image stops at under `thresholds` (len(stages) when it runs every backbone)."""
+    stop = torch.full((len(full.predictions),), len(stages))
+    for k in reversed(range(len(stages))):  # the earliest stage whose margin is reached wins
+        if thresholds[k] is not None:
+            stop[(stages[k].margins >= thresholds[k]).cpu()] = k
+    return stop
 
 
-def _choose(tradeoff: list[dict], full_accuracy: float, tolerance: float) -> dict:
-    """The cheapest point whose accuracy is within `tolerance` of the full ensemble's; ties go to the safer (higher)
-    threshold. Tolerance 0 never stops early."""
+def _estimated_loss(correct: torch.Tensor, stage: torch.Tensor) -> float:
+    """(B, m) whether each stage's answer is right, (m,) the stage each image stops at -> the loss of top-1 against
+    the full ensemble (the last stage), estimated conservatively: (images the full ensemble gets right and the
+    cascade wrong + 1) / (images + 2), a uniform prior on the rate of lost answers; 0 when no image stops early.
+    Answers the cascade gains do not offset those it loses (on a few images they are mostly luck), and a loss under
+    1% needs about 100 images behind it."""
+    m = len(stage)
+    if bool((stage == len(correct) - 1).all()):
+        return 0.0
+    lost = correct[-1] & ~correct[stage, torch.arange(m)]
+    return float(lost.sum() + 1) / (m + 2)
+
+
+def _choose(tradeoff: list[dict], tolerance: float) -> dict:
+    """The cheapest point whose estimated loss (`_estimated_loss`) is within `tolerance`; ties go to the lower risk.
+    Tolerance 0 never stops early (the last point)."""
     if tolerance == 0:
         return tradeoff[-1]
-    feasible = [i for i, point in enumerate(tradeoff) if full_accuracy - point["accuracy"] <= tolerance + 1e-9]
-    return tradeoff[min(feasible, key=lambda i: (tradeoff[i]["mean_gflops"], -i))]
+    feasible = [
+        i
+        for i, point in enumerate(tradeoff)
+        if point["estimated_loss"] <= tolerance + 1e-9 and (point["stop_fractions"][-1] < 1 or point["risk"] is None)
+    ]  # a risk at which no image stops is the same as never stopping: reported as such
+    return tradeoff[min(feasible, key=lambda i: (tradeoff[i]["mean_gflops"], i))]
+
+
+@torch.no_grad()
+def run_on_features(
+    cascade: Cascade, gate: EnsembleGate, features: Features, embed_dims: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cascade on cached features (every backbone's embeddings known, as in a benchmark): (n, C) the logits each
+    image ends with, and (n,) how many backbones of `cascade.order` it ran. `gate` is the full ensemble's."""
+    order, n = cascade.order, len(features.labels)
+    logits = combine_logits(features.logits, gate(features.gate_inputs))
+    run = torch.full((n,), len(order), device=logits.device)
+    running = torch.ones(n, dtype=torch.bool, device=logits.device)
+    for k in range(len(order) - 1):
+        prefix = _prefix(features, embed_dims, order[: k + 1])
+        combined, _, stop = cascade.stage(k, [prefix.gate_inputs], prefix.logits)
+        stop &= running
+        logits[stop], run[stop] = combined[stop], k + 1
+        running &= ~stop
+    return logits, run
 
 
 def fit_cascade(
-    model: CLIPEnsembleModel, features: Features, *, tolerance: float, seed: int = 0, num_folds: int = 3
-) -> CascadeReport:
-    """Fit a cascade for `model` on its calibration `features` (model.gate already fitted) and set it on the model.
+    features: Features,
+    embed_dims: list[int],
+    gflops: list[float],
+    full: OutOfFold,
+    *,
+    tolerance: float,
+    seed: int = 0,
+    hidden_size: int = 128,
+    combination: str = "softplus",
+    names: list[str] | None = None,
+) -> tuple[Cascade, CascadeReport]:
+    """Fit a cascade on calibration `features`, given the full ensemble's out-of-fold answers `full` (the
+    `out_of_fold` of calibration's `fit_calibrated_gate` on the same features and seed).
 
-    Backbones run cheapest first (by `model.backbone_gflops`; ties keep the config's order). After each of the first
-    B - 1, a gate over the backbones run so far, fitted with `fit_calibrated_gate` on their columns, combines them
-    (after the first backbone alone, its own logits: a gate could not change its answer), and an image stops when the combination's margin reaches a threshold. The threshold is the one with the lowest
-    mean GFLOPs whose top-1 stays within `tolerance` (a fraction: 0.01 is one point) of the full ensemble's, both
-    estimated out of fold (`num_folds` folds of `cross_validation_folds`): the prefix gates and the full gate are
-    refitted on each fold's training part and scored on its held-out part. `tolerance=0` keeps the full ensemble's answers exactly: no stop can be shown to change
-    none on new images, so the cascade then runs every backbone.
+    Backbones run cheapest first (by `gflops`; ties keep the given order). After each of the first B - 1, a gate
+    over the backbones run so far, fitted with `fit_calibrated_gate` on their columns (the same folds), combines
+    them (after the first backbone, its own logits: a gate could not change its answer), and an image stops when
+    the combination's margin reaches that stage's stop margin. Stop margins come from one risk (`stop_margins`):
+    the estimated chance that running the rest would change a stopped image's answer. The risk is the one with the
+    lowest mean GFLOPs whose estimated loss of top-1 against the full ensemble, out of fold (see `_choose`), is at
+    most `tolerance` (a fraction: 0.01 is one point). `tolerance=0` never stops early: the cascade then gives the full ensemble's answers exactly.
+    Costs B - 2 calls of `fit_calibrated_gate` (over 2 to B - 1 backbones).
     """
     if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not 0 <= tolerance < 1:
         raise ValueError(
@@ -122,89 +187,60 @@ def fit_cascade(
         )
     started = time.perf_counter()
     features = Features(*features)
-    dims, gflops = model.embed_dims, model.backbone_gflops
     order = cost_order(gflops)
-    num_backbones = len(order)
-    settings = {"hidden_size": model.config.gate_hidden_size, "combination": model.config.combination}
+    names = names or [f"backbone {b}" for b in range(len(gflops))]
+    cascade = Cascade(embed_dims, order, [None] * (len(order) - 1), hidden_size, combination)
+    stages, stage_choices = [], []
+    for k, gate in enumerate(cascade.gates):
+        prefix = _prefix(features, embed_dims, order[: k + 1])
+        if k == 0:  # one backbone: a gate could only rescale its logits, never change its answer
+            stages.append(OutOfFold.of(full.index, prefix.logits[full.index, 0]))
+            stage_choices.append(SINGLE_BACKBONE)
+            continue
+        choice = fit_calibrated_gate(gate, prefix, seed=seed)
+        if not torch.equal(choice.out_of_fold.index, full.index):
+            raise ValueError("`full` must come from `fit_calibrated_gate` on the same features with the same seed.")
+        stages.append(choice.out_of_fold)
+        stage_choices.append(choice.chosen)
 
-    def fit_prefix_gates(train: Features) -> tuple[list[EnsembleGate], list[str]]:
-        gates, chosen = [], []
-        for k in range(num_backbones - 1):
-            gate = EnsembleGate([dims[b] for b in order[: k + 1]], settings["hidden_size"], settings["combination"])
-            if k == 0:  # one backbone: a gate could only rescale its logits, never change its answer
-                chosen.append(SINGLE_BACKBONE)
-            else:
-                chosen.append(fit_calibrated_gate(gate, _prefix(train, dims, order[: k + 1]), seed=seed).chosen)
-            gates.append(gate)
-        return gates, chosen
-
-    # Out of fold: every stage's answer and margin on examples that none of its gates was fitted on.
-    n = len(features.labels)
-    predictions = torch.empty(num_backbones, n, dtype=torch.long)
-    stage_margins = torch.empty(num_backbones, n)
-    folds = cross_validation_folds(features.labels, num_folds, seed)
-    for fold in folds:
-        held_out = torch.tensor(fold)
-        train_index = sorted(set(range(n)) - set(fold))
-        train, val = features.subset(train_index), features.subset(fold)
-        gates, _ = fit_prefix_gates(train)
-        full = copy.deepcopy(model.gate)
-        fit_calibrated_gate(full, train, seed=seed)
-        for k, (answer, margin) in enumerate(_stage_outputs([*gates, full], val, dims, order)):
-            predictions[k, held_out], stage_margins[k, held_out] = answer, margin
-
-    costs = torch.tensor([gflops[b] for b in order]).cumsum(0)  # (stages,) cost of stopping after each
-    correct = predictions == features.labels.cpu()
-    early = stage_margins[:-1].flatten()
-    finite = early[torch.isfinite(early)]
-    candidates = (
-        sorted(set(torch.quantile(finite, torch.linspace(0, 1, _NUM_THRESHOLDS)).tolist())) if len(finite) else []
-    )
+    labels = features.labels[full.index].cpu()
+    answers = torch.stack([*(s.predictions.cpu() for s in stages), full.predictions.cpu()])  # (B, m)
+    correct = answers == labels
+    costs = torch.tensor([gflops[b] for b in order]).cumsum(0)  # (B,) cost of stopping after each backbone
+    m = len(labels)
     tradeoff = []
-    for threshold in [*candidates, None]:  # safer and safer; None never stops early
-        stage = _simulate(predictions, stage_margins, threshold)
+    for risk in [*RISKS, None]:  # riskier first; None never stops early
+        thresholds = [None] * len(stages) if risk is None else stop_margins(stages, full, risk)
+        stage = _simulate(stages, full, thresholds)
         tradeoff.append(
             {
-                "threshold": threshold,
-                "accuracy": float(correct[stage, torch.arange(n)].float().mean()),
+                "risk": risk,
+                "stop_margins": thresholds,
+                "accuracy": float(correct[stage, torch.arange(m)].float().mean()),
+                "estimated_loss": _estimated_loss(correct, stage),
                 "mean_gflops": float(costs[stage].mean()),
-                "stop_fractions": torch.bincount(stage, minlength=num_backbones).div(n).tolist(),
+                "stop_fractions": torch.bincount(stage, minlength=len(order)).div(m).tolist(),
             }
         )
     full_accuracy = tradeoff[-1]["accuracy"]
-    chosen = _choose(tradeoff, full_accuracy, tolerance)
-
-    # The deployed prefix gates: fitted on all calibration examples.
-    gates, stage_choices = fit_prefix_gates(features)
-    cascade = Cascade(dims, order, chosen["threshold"], settings["hidden_size"], settings["combination"])
-    for target, gate in zip(cascade.gates, gates):
-        target.load_state_dict(gate.state_dict())
+    chosen = _choose(tradeoff, tolerance)
+    cascade.stop_margins = list(chosen["stop_margins"])
     report = CascadeReport(
-        order=[model.config.backbone_names[b] for b in order],
+        order=[names[b] for b in order],
         tolerance=float(tolerance),
-        threshold=chosen["threshold"],
+        risk=chosen["risk"],
+        stop_margins=cascade.stop_margins,
         full_gflops=float(costs[-1]),
         full_accuracy=full_accuracy,
         accuracy=chosen["accuracy"],
         mean_gflops=chosen["mean_gflops"],
         stop_fractions=chosen["stop_fractions"],
         stage_choices=stage_choices,
-        num_folds=len(folds),
+        num_scored=m,
         seconds=time.perf_counter() - started,
         tradeoff=tradeoff,
     )
-    model.set_cascade(
-        cascade,
-        tolerance=report.tolerance,
-        mean_gflops=round(report.mean_gflops, 6),
-        full_gflops=round(report.full_gflops, 6),
-        cross_validated_accuracy=round(report.accuracy, 4),
-        full_cross_validated_accuracy=round(report.full_accuracy, 4),
-        stop_fractions=[round(f, 4) for f in report.stop_fractions],
-        # What other tolerances would have chosen, so that evaluation can chart the trade-off.
-        thresholds={str(t): report.at_tolerance(t)["threshold"] for t in CHART_TOLERANCES},
-    )
-    return report
+    return cascade, report
 
 
-__all__ = ["CHART_TOLERANCES", "CascadeReport", "fit_cascade"]
+__all__ = ["CHART_TOLERANCES", "RISKS", "CascadeReport", "fit_cascade", "run_on_features", "stop_margins"]

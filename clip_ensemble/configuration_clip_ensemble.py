@@ -59,9 +59,9 @@ class CLIPEnsembleConfig(PretrainedConfig):
             the model card. `None` for an uncalibrated gate.
         cascade (`dict`, *optional*):
             A cascade that runs backbones cheapest first and lets confident images stop early: `order` (backbone
-            indices in run order), `threshold` (the margin, top-1 minus top-2 logit, at which an image stops; `None`
-            never stops early) and what its fitting estimated (`tolerance`, `mean_gflops`, ...). Its gates are saved
-            in `cascade.safetensors`. `None` (the default) runs every backbone on every image.
+            indices in run order), `stop_margins` (per stage but the last, the margin, top-1 minus top-2 logit, at
+            which an image stops there; `None` where none stops) and what its fitting estimated (`tolerance`,
+            `mean_gflops`, ...). Its gates are saved in `cascade.safetensors`. `None` (the default) runs every backbone on every image.
 
     Example:
 
@@ -135,19 +135,24 @@ class CLIPEnsembleConfig(PretrainedConfig):
 
     def _validate_cascade(self) -> None:
         cascade = self.cascade
-        if not isinstance(cascade, dict) or "order" not in cascade or "threshold" not in cascade:
+        if not isinstance(cascade, dict) or "order" not in cascade or "stop_margins" not in cascade:
             raise ValueError(
-                f"cascade={cascade!r} needs 'order' and 'threshold'; fit one with `calibrate(..., cascade_tolerance=...)`."
+                f"cascade={cascade!r} needs 'order' and 'stop_margins'; fit one with "
+                "`calibrate(..., cascade_tolerance=...)`."
             )
         if sorted(cascade["order"]) != list(range(len(self.backbones))):
             raise ValueError(
                 f"cascade order {cascade['order']} must list each of the {len(self.backbones)} backbones once."
             )
-        threshold = cascade["threshold"]
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-            raise ValueError(f"cascade threshold {threshold!r} must be a number, or null to never stop early.")
-        if threshold is not None and not threshold >= 0:
-            raise ValueError(f"cascade threshold {threshold!r} must be >= 0, or null to never stop early.")
+        margins = cascade["stop_margins"]
+        if not isinstance(margins, list) or len(margins) != len(self.backbones) - 1:
+            raise ValueError(
+                f"cascade stop_margins {margins!r} must list one margin per backbone but the last "
+                f"({len(self.backbones) - 1}); null where no image stops."
+            )
+        for margin in margins:
+            if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0):
+                raise ValueError(f"cascade stop margin {margin!r} must be a number >= 0, or null where none stops.")
 
     @property
     def num_backbones(self) -> int:

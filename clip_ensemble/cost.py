@@ -58,39 +58,54 @@ def cost_order(gflops: list[float]) -> list[int]:
 
 class Cascade(nn.Module):
     """Backbones run cheapest first; after each of the first B - 1, a gate over the backbones run so far combines
-    their logits, and an image stops there when the combination's margin (top-1 minus top-2 logit) reaches
-    `threshold`. The others go on; after the last backbone the model's own gate decides.
+    their logits, and an image stops there when the combination's margin (top-1 minus top-2 logit) reaches that
+    stage's stop margin. The others go on; after the last backbone the model's own gate decides.
 
-    `order` is the run order (backbone indices); `gates[k]` weighs the first k + 1 backbones of it. `threshold=None`
-    never stops early: the cascade then equals the full ensemble.
+    `order` is the run order (backbone indices); `gates[k]` weighs the first k + 1 backbones of it, and
+    `stop_margins[k]` is its stop margin (`None`: no image stops there). With every stop margin `None` the cascade
+    equals the full ensemble.
     """
 
     def __init__(
         self,
         embed_dims: list[int],
         order: list[int],
-        threshold: float | None,
+        stop_margins: list[float | None],
         hidden_size: int = 128,
         combination: str = "softplus",
     ):
         super().__init__()
         if sorted(order) != list(range(len(embed_dims))):
             raise ValueError(f"Cascade order {order} must list each of the {len(embed_dims)} backbones once.")
-        if threshold is not None and not threshold >= 0:
-            raise ValueError(f"Cascade threshold {threshold!r} must be a margin >= 0, or None to never stop early.")
         self.order = list(order)
-        self.threshold = None if threshold is None else float(threshold)
+        self.stop_margins = stop_margins
         self.gates = nn.ModuleList(
             EnsembleGate([embed_dims[b] for b in order[: k + 1]], hidden_size, combination)
             for k in range(len(order) - 1)
         )
+
+    @property
+    def stop_margins(self) -> list[float | None]:
+        return self._stop_margins
+
+    @stop_margins.setter
+    def stop_margins(self, values: list[float | None]) -> None:
+        values = list(values)
+        if len(values) != len(self.order) - 1 or not all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0) for v in values
+        ):
+            raise ValueError(
+                f"Cascade stop margins {values!r} must be {len(self.order) - 1} margins >= 0 (one per stage but the "
+                "last), each None where no image may stop."
+            )
+        self._stop_margins = [None if v is None else float(v) for v in values]
 
     def stage(self, k: int, image_embeds: list[torch.Tensor], logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Stage `k`'s combination: embeddings of `order[:k + 1]` in run order, their logits (n, k + 1, C) ->
         (combined logits (n, C), weights (n, k + 1), whether each image stops here (n,))."""
         weights = self.gates[k](torch.cat(image_embeds, dim=-1))
         combined = combine_logits(logits, weights)
-        return combined, weights, stops(combined, self.threshold)
+        return combined, weights, stops(combined, self.stop_margins[k])
 
 
 def margins(logits: torch.Tensor) -> torch.Tensor:

@@ -299,8 +299,8 @@ def accuracy_against_compute(
 ) -> list[dict]:
     """Top-1 and mean GFLOPs per image on cached embeddings: each backbone alone; every subset of two or more
     backbones by plain averaging (up to 6 backbones); the full ensemble (the gate, every backbone run); and, for a
-    model with a cascade, the cascade at its own threshold and at those other tolerances would have chosen
-    (`config.cascade["thresholds"]`). One dict per point: method, kind, top1, gflops. Runs `chunk_size` images at
+    model with a cascade, the cascade at its own stop margins and at those other tolerances would have chosen
+    (`config.cascade["stop_margins_by_tolerance"]`). One dict per point: method, kind, top1, gflops. Runs `chunk_size` images at
     a time."""
     names, gflops = model.config.backbone_names, model.backbone_gflops
     subsets = [
@@ -320,13 +320,13 @@ def accuracy_against_compute(
     ]
     points.append({"method": "full ensemble (gate)", "kind": "full", "gflops": sum(gflops)})
     cascade, info = model.cascade, dict(model.config.cascade or {})
-    replays = {}  # point index -> cascade threshold
+    replays = {}  # point index -> cascade stop margins
     if cascade is not None:
         chosen = info.get("tolerance")
-        thresholds = {**info.get("thresholds", {}), str(chosen): cascade.threshold}
-        for tolerance, threshold in sorted(thresholds.items(), key=lambda item: float(item[0])):
+        by_tolerance = {**info.get("stop_margins_by_tolerance", {}), str(chosen): cascade.stop_margins}
+        for tolerance, stop_margins in sorted(by_tolerance.items(), key=lambda item: float(item[0])):
             mark = " (chosen)" if float(tolerance) == chosen else ""
-            replays[len(points)] = threshold
+            replays[len(points)] = stop_margins
             points.append(
                 {"method": f"cascade, tolerance {float(tolerance):g}{mark}", "kind": "cascade", "gflops": 0.0}
             )
@@ -341,9 +341,9 @@ def accuracy_against_compute(
             scores = [*logits.unbind(1), *(logits[:, list(s)].mean(1) for s in subsets), full.logits.cpu()]
             for index, score in enumerate(scores):
                 correct[index] += int((score.argmax(-1) == y).sum())
-            for index, threshold in replays.items():
-                replay = copy.copy(cascade)  # shares the gates; only the threshold differs
-                replay.threshold = threshold
+            for index, stop_margins in replays.items():
+                replay = copy.copy(cascade)  # shares the gates; only the stop margins differ
+                replay.stop_margins = stop_margins
                 model.set_cascade(replay)
                 out = model(image_embeds=chunk)
                 correct[index] += int((out.logits.argmax(-1).cpu() == y).sum())

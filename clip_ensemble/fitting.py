@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cost import margins
 from .gate import EnsembleGate, combine_logits
 
 
@@ -76,6 +77,19 @@ SINGLE_SPLIT_FROM = 2000
 PATIENCE = 2
 
 
+class OutOfFold(NamedTuple):
+    """A fitted combination's answers on the examples cross-validation scored, each from a model fitted without it."""
+
+    index: torch.Tensor  # (m,) the scored examples (all of them with k folds; one quarter with a single split)
+    predictions: torch.Tensor  # (m,) class indices
+    margins: torch.Tensor  # (m,) top-1 minus top-2 combined logit
+
+    @classmethod
+    def of(cls, index: torch.Tensor, logits: torch.Tensor) -> OutOfFold:
+        """From (m, C) out-of-fold combined logits of the examples `index`."""
+        return cls(index, logits.argmax(-1), margins(logits))
+
+
 @dataclass
 class GateChoice:
     """What `fit_calibrated_gate` chose and why.
@@ -91,6 +105,8 @@ class GateChoice:
     num_folds: int  # folds whose held-out part was scored (1: a single held-out quarter)
     settings: dict = field(default_factory=dict)  # the gate's fitting settings, when the gate was chosen
     best_backbone: int = 0  # index of the backbone with the best top-1 on all calibration examples
+    # The chosen candidate's answers out of fold, from which the cascade fits its stopping rule.
+    out_of_fold: OutOfFold | None = field(default=None, repr=False, compare=False)
 
 
 def set_best_backbone(gate: EnsembleGate, backbone: int) -> None:
@@ -136,7 +152,8 @@ def _beats(challenger: torch.Tensor, incumbent: torch.Tensor) -> bool:
 class _Path:
     """Out-of-fold results of one kind of training at every training length that all folds reached."""
 
-    correct: dict[int, torch.Tensor]  # steps -> (n,) bool, right on the held-out examples
+    predictions: dict[int, torch.Tensor]  # steps -> (n,) answers on the held-out examples
+    margins: dict[int, torch.Tensor]  # steps -> (n,) their top-1 minus top-2 combined logits
     losses: dict[int, torch.Tensor]  # steps -> (n,) held-out cross-entropy
     states: dict[int, dict]  # steps -> gate state (single split only)
     reached: list[int]
@@ -153,7 +170,8 @@ def _cross_validate(
     path stops once its held-out cross-entropy keeps rising, and later folds stop where it did."""
     n, device = len(features.labels), features.labels.device
     path = _Path(
-        {s: torch.zeros(n, dtype=torch.bool, device=device) for s in STEP_CHOICES},
+        {s: torch.zeros(n, dtype=torch.long, device=device) for s in STEP_CHOICES},
+        {s: torch.zeros(n, device=device) for s in STEP_CHOICES},
         {s: torch.zeros(n, device=device) for s in STEP_CHOICES},
         {},
         [],
@@ -167,7 +185,7 @@ def _cross_validate(
         @torch.no_grad()
         def checkpoint(step: int, fold=fold, val=val, fold_losses=fold_losses) -> bool:
             logits = _combined(gate, val, static)
-            path.correct[step][fold] = logits.argmax(-1) == val.labels
+            path.predictions[step][fold], path.margins[step][fold] = logits.argmax(-1), margins(logits)
             path.losses[step][fold] = nn.functional.cross_entropy(logits, val.labels, reduction="none")
             fold_losses.append(float(path.losses[step][fold].mean()))
             if keep_states:
@@ -204,22 +222,30 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     scored = torch.tensor(sorted(i for fold in folds for i in fold), device=labels.device)
     single_correct = features.logits.argmax(-1) == labels[:, None]  # (n, B)
     best = int(single_correct.float().mean(0).argmax())
-    mean_correct = features.logits.mean(1).argmax(-1) == labels  # (n,)
+    mean_logits = features.logits.mean(1)  # (n, C)
+    mean_correct = mean_logits.argmax(-1) == labels  # (n,)
     chosen = BEST_BACKBONE if _beats(single_correct[:, best], mean_correct) else MEAN_OF_LOGITS
     # Trained candidates are compared out of fold, so the best backbone is too: chosen on each fold's training part.
-    best_out_of_fold = torch.zeros(n, dtype=torch.bool, device=labels.device)
+    best_out_of_fold = torch.empty_like(mean_logits)
     everything = set(range(n))
     for fold in folds:
         train_best = int(single_correct[sorted(everything - set(fold))].float().mean(0).argmax())
-        best_out_of_fold[fold] = single_correct[fold, train_best]
-    correct = {MEAN_OF_LOGITS: mean_correct, BEST_BACKBONE: best_out_of_fold}
+        best_out_of_fold[fold] = features.logits[fold, train_best]
+    out_of_fold = {
+        MEAN_OF_LOGITS: OutOfFold.of(scored, mean_logits[scored]),
+        BEST_BACKBONE: OutOfFold.of(scored, best_out_of_fold[scored]),
+    }
     paths, steps = {}, {}
     for name, static in ((STATIC_WEIGHTS, True), (GATE, False)):
         paths[name] = _cross_validate(gate, features, folds, seed=seed, static=static, keep_states=single_split)
         steps[name] = paths[name].best_steps(scored)
-        correct[name] = paths[name].correct[steps[name]]
-        if _beats(correct[name][scored], correct[chosen][scored]):
+        path = paths[name]
+        out_of_fold[name] = OutOfFold(scored, path.predictions[steps[name]][scored], path.margins[steps[name]][scored])
+        if _beats(out_of_fold[name].predictions == labels[scored], out_of_fold[chosen].predictions == labels[scored]):
             chosen = name
+    correct = {name: torch.zeros(n, dtype=torch.bool, device=labels.device) for name in out_of_fold}
+    for name, answers in out_of_fold.items():
+        correct[name][scored] = answers.predictions == labels[scored]
     fold_accuracy = {name: [float(hits[fold].float().mean()) for fold in folds] for name, hits in correct.items()}
 
     settings = {}
@@ -242,6 +268,7 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
         num_folds=len(folds),
         settings=settings,
         best_backbone=best,
+        out_of_fold=out_of_fold[chosen],
     )
 
 
@@ -253,6 +280,7 @@ __all__ = [
     "GateChoice",
     "LEARNING_RATE",
     "MEAN_OF_LOGITS",
+    "OutOfFold",
     "STATIC_WEIGHTS",
     "STEP_CHOICES",
     "WEIGHT_DECAY",

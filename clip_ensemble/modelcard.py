@@ -97,7 +97,8 @@ def build_model_card(
         order = " -> ".join(f"`{names[b]}`" for b in config.cascade["order"])
         expected = config.cascade.get("mean_gflops")
         cascade = (
-            f"\n\nCascade: backbones run {order}; an image stops once the backbones run so far are sure enough "
+            f"\n\nCascade: backbones run {order}; an image stops once the backbones still to run are unlikely to "
+            "change its answer "
             + (
                 f"(about {expected:.4g} GFLOPs per image on the calibration data, against "
                 f"{config.cascade['full_gflops']:.4g} for all, top-1 within {config.cascade['tolerance']} of the full "

@@ -169,7 +169,7 @@ class CLIPEnsembleModel(PreTrainedModel):
         """Run backbones as `cascade` says (see `clip_ensemble.cost.Cascade`), or all of them with `None`.
 
         `info` (what its fitting estimated: tolerance, mean GFLOPs, accuracy) goes into `config.cascade` with the
-        cascade's order and threshold, and from there into the saved config and the model card.
+        cascade's order and stop margins, and from there into the saved config and the model card.
         """
         if cascade is None:
             self.cascade, self.config.cascade = None, None
@@ -182,13 +182,18 @@ class CLIPEnsembleModel(PreTrainedModel):
             )
         self.cascade = cascade.to(self.gate.fc1.weight.device)
         previous = self.config.cascade if self.config.cascade and not info else {}
-        self.config.cascade = {**previous, **info, "order": list(cascade.order), "threshold": cascade.threshold}
+        self.config.cascade = {
+            **previous,
+            **info,
+            "order": list(cascade.order),
+            "stop_margins": list(cascade.stop_margins),
+        }
 
     def _cascade_from_config(self, entry: dict) -> Cascade:
         return Cascade(
             self.embed_dims,
             entry["order"],
-            entry["threshold"],
+            entry["stop_margins"],
             self.config.gate_hidden_size,
             self.config.combination,
         )
@@ -336,7 +341,7 @@ class CLIPEnsembleModel(PreTrainedModel):
         self, pixel_values: Sequence[torch.Tensor] | None, image_embeds: Sequence[torch.Tensor] | None
     ) -> CLIPEnsembleOutput:
         """Backbones in the cascade's order, each on the images still running; an image stops at the first stage
-        whose margin reaches the threshold. Each image's logits depend on its own row only (up to float32 batching
+        whose margin reaches its stop margin. Each image's logits depend on its own row only (up to float32 batching
         differences in the backbones' matrix products). Given `image_embeds`, no backbone runs: the cascade's
         decisions are replayed on them."""
         device = self.gate.fc1.weight.device

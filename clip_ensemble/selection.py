@@ -70,6 +70,48 @@ def _subset_features(features: Features, embed_dims: list[int], subset: tuple[in
     return Features(features.gate_inputs[:, columns], features.logits[:, list(subset)], features.labels)
 
 
+def weigh_subsets(
+    features: Features,
+    embed_dims: list[int],
+    gflops: list[float],
+    budget_gflops: float,
+    *,
+    seed: int = 0,
+    max_candidates: int = 5,
+    hidden_size: int = 128,
+    combination: str = "softplus",
+) -> tuple[dict, list[dict], int]:
+    """On cached calibration features: every subset of backbones within `budget_gflops` ranked by plain averaging's
+    top-1, the `max_candidates` best cross-validated with `fit_calibrated_gate`, and the best of those (ties: the
+    cheaper). Returns (the best, the candidates as dicts of indices, gflops, averaging_accuracy and cv_accuracy
+    (None when not shortlisted), best first by averaging, and how many subsets were within the budget)."""
+    within = [
+        subset
+        for size in range(1, len(gflops) + 1)
+        for subset in itertools.combinations(range(len(gflops)), size)
+        if sum(gflops[b] for b in subset) <= budget_gflops
+    ]
+    candidates = []
+    for subset in within:
+        averaged = features.logits[:, list(subset)].mean(1)
+        candidates.append(
+            {
+                "indices": subset,
+                "gflops": sum(gflops[b] for b in subset),
+                "averaging_accuracy": float((averaged.argmax(-1) == features.labels).float().mean()),
+                "cv_accuracy": None,
+            }
+        )
+    candidates.sort(key=lambda c: (-c["averaging_accuracy"], c["gflops"], c["indices"]))
+    for candidate in candidates[:max_candidates]:
+        subset = candidate["indices"]
+        gate = EnsembleGate([embed_dims[b] for b in subset], hidden_size, combination)
+        choice = fit_calibrated_gate(gate, _subset_features(features, embed_dims, subset), seed=seed)
+        candidate["cv_accuracy"] = choice.cv_accuracy[choice.chosen]
+    best = min(candidates[:max_candidates], key=lambda c: (-c["cv_accuracy"], c["gflops"], c["indices"]))
+    return best, candidates, len(within)
+
+
 def select_backbones(
     model: CLIPEnsembleModel,
     data,
@@ -115,33 +157,19 @@ def select_backbones(
     labels = torch.tensor(support.labels, device=device)
     features = Features(torch.cat(embeds, dim=-1), logits, labels)
 
-    within = [
-        subset
-        for size in range(1, len(gflops) + 1)
-        for subset in itertools.combinations(range(len(gflops)), size)
-        if sum(gflops[b] for b in subset) <= budget_gflops
-    ]
-    candidates = []
-    for subset in within:
-        averaged = logits[:, list(subset)].mean(1)
-        candidates.append(
-            {
-                "indices": subset,
-                "subset": [names[b] for b in subset],
-                "gflops": sum(gflops[b] for b in subset),
-                "averaging_accuracy": float((averaged.argmax(-1) == labels).float().mean()),
-                "cv_accuracy": None,
-            }
-        )
-    candidates.sort(key=lambda c: (-c["averaging_accuracy"], c["gflops"], c["indices"]))
-    for candidate in candidates[:max_candidates]:
-        subset = candidate["indices"]
-        gate = EnsembleGate(
-            [model.embed_dims[b] for b in subset], model.config.gate_hidden_size, model.config.combination
-        )
-        choice = fit_calibrated_gate(gate, _subset_features(features, model.embed_dims, subset), seed=seed)
-        candidate["cv_accuracy"] = choice.cv_accuracy[choice.chosen]
-    best = min(candidates[:max_candidates], key=lambda c: (-c["cv_accuracy"], c["gflops"], c["indices"]))
+    best, candidates, within = weigh_subsets(
+        features,
+        model.embed_dims,
+        gflops,
+        budget_gflops,
+        seed=seed,
+        max_candidates=max_candidates,
+        hidden_size=model.config.gate_hidden_size,
+        combination=model.config.combination,
+    )
+    for candidate in candidates:
+        candidate["subset"] = [names[b] for b in candidate["indices"]]
+    best["subset"] = [names[b] for b in best["indices"]]
 
     config = CLIPEnsembleConfig(
         backbones=[dict(model.config.backbones[b]) for b in best["indices"]],
@@ -159,7 +187,7 @@ def select_backbones(
         candidates=[
             {key: c[key] for key in ("subset", "gflops", "averaging_accuracy", "cv_accuracy")} for c in candidates
         ],
-        subsets_within_budget=len(within),
+        subsets_within_budget=within,
         seconds=time.perf_counter() - started,
     )
     report.calibration = calibrate(
@@ -188,4 +216,4 @@ def select_backbones(
     return subset_model, report
 
 
-__all__ = ["SelectionReport", "select_backbones"]
+__all__ = ["SelectionReport", "select_backbones", "weigh_subsets"]

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate
+from clip_ensemble.cascade import run_on_features, stop_margins
 from clip_ensemble.cost import Cascade, cost_order
+from clip_ensemble.fitting import Features, OutOfFold
 from clip_ensemble.modeling_clip_ensemble import CASCADE_WEIGHTS_NAME, GATE_WEIGHTS_NAME
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
@@ -51,7 +53,8 @@ def test_tolerance_zero_gives_the_full_ensembles_predictions(toy_backbone_dirs, 
     model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
     data = toy_dataset(per_class=4, seed=5)
     report = calibrate(model, data, shots=4, cache=FeatureCache(None), progress=False, cascade_tolerance=0)
-    assert model.cascade is not None and report.cascade.threshold is None
+    assert model.cascade is not None and report.cascade.risk is None
+    assert model.cascade.stop_margins == [None] * (len(model.backbones) - 1)
     with torch.no_grad():
         cascade_out = model(images=test_images)
     model.set_cascade(None)
@@ -72,7 +75,7 @@ def test_images_stopping_at_different_depths_get_the_logits_they_get_alone(casca
         logits = model.logit_scales[first] * embeds @ model.zero_shot_heads[first].T
         top = logits.topk(2, dim=-1).values
         threshold = float((top[:, 0] - top[:, 1]).median())
-    cascade = Cascade(model.embed_dims, model.cascade.order, threshold, model.config.gate_hidden_size)
+    cascade = Cascade(model.embed_dims, model.cascade.order, [threshold, threshold], model.config.gate_hidden_size)
     cascade.load_state_dict(model.cascade.state_dict())
     batch = _run(model, test_images, cascade)
     assert len(set(batch.num_backbones_run.tolist())) >= 2, "the batch should stop at different depths"
@@ -105,7 +108,8 @@ def test_a_cascade_saves_and_loads_exactly(cascaded, test_images, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", GATE_WEIGHTS_NAME, CASCADE_WEIGHTS_NAME, "README.md"}
     loaded = CLIPEnsembleModel.from_pretrained(tmp_path)
     assert loaded.config.cascade == model.config.cascade
-    assert loaded.cascade.order == model.cascade.order and loaded.cascade.threshold == model.cascade.threshold
+    assert loaded.cascade.order == model.cascade.order
+    assert loaded.cascade.stop_margins == model.cascade.stop_margins
     for name, tensor in model.cascade.state_dict().items():
         assert torch.equal(loaded.cascade.state_dict()[name], tensor), name
     with torch.no_grad():
@@ -158,9 +162,11 @@ def test_set_cascade_checks_what_it_is_given(cascaded):
     with pytest.raises(TypeError, match="Cascade or None"):
         model.set_cascade({"order": [0, 1, 2]})
     with pytest.raises(ValueError, match="each of the 3 backbones once"):
-        Cascade(model.embed_dims, [0, 0, 1], 1.0)
-    with pytest.raises(ValueError, match="margin >= 0"):
-        Cascade(model.embed_dims, [0, 1, 2], -1.0)
+        Cascade(model.embed_dims, [0, 0, 1], [1.0, 1.0])
+    with pytest.raises(ValueError, match="2 margins >= 0"):
+        Cascade(model.embed_dims, [0, 1, 2], [-1.0, None])
+    with pytest.raises(ValueError, match="2 margins >= 0"):
+        Cascade(model.embed_dims, [0, 1, 2], [1.0])
 
 
 def test_evaluate_charts_accuracy_against_compute(cascaded, tmp_path):
@@ -181,3 +187,54 @@ def test_evaluate_charts_accuracy_against_compute(cascaded, tmp_path):
     write_report(report, tmp_path / "report")
     assert (tmp_path / "report" / "compute_accuracy.png").stat().st_size > 0
     assert "## Accuracy against compute" in (tmp_path / "report" / "report.md").read_text()
+
+
+def _answers(margins: list[float], agree: list[bool]) -> tuple[OutOfFold, OutOfFold]:
+    """A stage's and the full ensemble's out-of-fold answers on images with these stage margins, agreeing where
+    `agree` says."""
+    full = torch.zeros(len(margins), dtype=torch.long)
+    stage = torch.where(torch.tensor(agree), full, full + 1)
+    index = torch.arange(len(margins))
+    return OutOfFold(index, stage, torch.tensor(margins)), OutOfFold(index, full, torch.full((len(margins),), 9.0))
+
+
+def test_a_stage_stops_only_the_confident_images_that_agree_with_the_full_ensemble():
+    # 300 images, margins 300..1: the 200 most confident agree with the full ensemble, the others do not.
+    stage, full = _answers([float(m) for m in range(300, 0, -1)], [True] * 200 + [False] * 100)
+    assert stop_margins([stage], full, risk=0.005) == [101.0]  # the agreeing 200: (0 + 1) / (200 + 2) < 0.005
+    # A higher risk takes the largest group within it: 203 images, 3 of them changed, (3 + 1) / (203 + 2) < 0.02.
+    assert stop_margins([stage], full, risk=0.02) == [98.0]
+    # The +1/+2 prior: 20 agreeing images cannot show a change rate under 2% (1/22), 60 can (1/62).
+    assert stop_margins(
+        [_answers([1.0 * m for m in range(20, 0, -1)], [True] * 20)[0]], _answers([0.0] * 20, [True] * 20)[1], 0.02
+    ) == [None]
+    few, few_full = _answers([float(m) for m in range(60, 0, -1)], [True] * 60)
+    assert stop_margins([few], few_full, 0.02) == [1.0]
+    # A later stage only sees the images an earlier one let through.
+    second, _ = _answers([float(m) for m in range(300, 0, -1)], [True] * 300)
+    # At risk 0.005 the 100 images left are too few to show it ((0 + 1) / 102); at 0.01 the 99 left are enough.
+    assert stop_margins([stage, second], full, risk=0.005) == [101.0, None]
+    assert stop_margins([stage, second], full, risk=0.01) == [100.0, 1.0]
+
+
+def test_cached_features_give_the_models_own_cascade_answers(cascaded, test_images):
+    model, _ = cascaded
+    with torch.no_grad():
+        embeds = model.encode_images(model.processor(test_images)["pixel_values"])
+        out = model(image_embeds=embeds)
+        features = Features(torch.cat(embeds, -1), model.zero_shot_logits(embeds), torch.zeros(len(embeds[0])))
+    logits, run = run_on_features(model.cascade, model.gate, features, model.embed_dims)
+    assert torch.equal(run, out.num_backbones_run)
+    torch.testing.assert_close(logits, out.logits)
+
+
+def test_fitting_a_cascade_reuses_calibrations_out_of_fold_answers(toy_backbone_dirs, monkeypatch):
+    # Only the prefix gates of 2 .. B - 1 backbones are fitted: no fold is refitted for the stopping rule.
+    import clip_ensemble.cascade
+
+    calls = []
+    fit = clip_ensemble.cascade.fit_calibrated_gate
+    monkeypatch.setattr(clip_ensemble.cascade, "fit_calibrated_gate", lambda *a, **k: calls.append(1) or fit(*a, **k))
+    model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
+    calibrate(model, toy_dataset(per_class=4, seed=5), shots=4, cache=FeatureCache(None), cascade_tolerance=0.05)
+    assert len(calls) == len(model.backbones) - 2

@@ -76,6 +76,12 @@ def test_choice_reports_cross_validated_accuracy_and_is_deterministic():
         torch.testing.assert_close(tensor, second.state_dict()[name], rtol=0, atol=0)
     assert set(choice.cv_accuracy) == set(choice.cv_spread) == {GATE, STATIC_WEIGHTS, MEAN_OF_LOGITS, BEST_BACKBONE}
     assert choice.num_folds == 5 and all(0 <= value <= 1 for value in choice.cv_accuracy.values())
+    # The chosen candidate's out-of-fold answers are the ones its cross-validated accuracy was measured on.
+    answers = choice.out_of_fold
+    assert answers.index.tolist() == list(range(len(features.labels)))
+    folds = cross_validation_folds(features.labels, 5, seed=1)
+    right = answers.predictions == features.labels
+    assert choice.cv_accuracy[choice.chosen] == pytest.approx(sum(right[f].float().mean() for f in folds) / 5)
 
 
 # Calibration may lose to plain averaging by at most this much top-1 on held-out data (one k-shot draw): it falls back
