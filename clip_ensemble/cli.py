@@ -131,12 +131,26 @@ def _calibrate(args) -> None:
         from .selection import select_backbones
 
         model, selection = select_backbones(
-            model, data, args.shots, args.budget_gflops, args.seed, cache=_cache(args), batch_size=args.batch_size
+            model,
+            data,
+            args.shots,
+            args.budget_gflops,
+            args.seed,
+            cache=_cache(args),
+            batch_size=args.batch_size,
+            cascade_tolerance=args.cascade_tolerance,
         )
         print(selection)
+        report = selection.calibration
     else:
         report = calibrate(
-            model, data, shots=args.shots, seed=args.seed, cache=_cache(args), batch_size=args.batch_size
+            model,
+            data,
+            shots=args.shots,
+            seed=args.seed,
+            cache=_cache(args),
+            batch_size=args.batch_size,
+            cascade_tolerance=args.cascade_tolerance,
         )
         print(report)
     model.save_pretrained(args.output)
@@ -225,7 +239,9 @@ def _predict(args) -> int:
     results: dict[str, list[dict] | dict] = {}
     if images:
         model = CLIPEnsembleModel.from_pretrained(args.model)
-        results.update(zip(images, model.classify(list(images.values()), top_k=args.top_k)))
+        classified = model.classify(list(images.values()), top_k=args.top_k, return_cost=True)
+        results.update(zip(images, (c["top"] for c in classified)))
+        costs = dict(zip(images, classified))
     results.update({path: {"error": message} for path, message in errors.items()})
     ordered = {path: results[path] for path in dict.fromkeys(args.images)}
     if args.json:
@@ -233,7 +249,11 @@ def _predict(args) -> int:
     else:
         for path, top in ordered.items():
             if path in images:
-                print(f"{path}: " + ", ".join(f"{p['label']} ({100 * p['score']:.1f}%)" for p in top))
+                cost = ""
+                if model.cascade is not None:  # how far down the cascade the image went
+                    ran = len(costs[path]["backbones_run"])
+                    cost = f" [{ran} of {len(model.backbones)} backbones, {costs[path]['gflops']:.3g} GFLOPs]"
+                print(f"{path}: " + ", ".join(f"{p['label']} ({100 * p['score']:.1f}%)" for p in top) + cost)
     if errors:
         print(f"error: {len(errors)} of {len(ordered)} images could not be read.", file=sys.stderr)
         return 1
@@ -340,6 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget-gflops",
         type=float,
         help="keep the subset of backbones with the best cross-validated top-1 within this many GFLOPs per image",
+    )
+    calibrate.add_argument(
+        "--cascade-tolerance",
+        type=float,
+        metavar="FRACTION",
+        help="also fit a cascade: backbones run cheapest first and an image stops once the rest are unlikely to "
+        "change its answer, saving the most GFLOPs whose estimated top-1 stays within this fraction of the full "
+        "ensemble's (e.g. 0.01, one point)",
     )
     calibrate.add_argument("--push-to-hub", metavar="REPO", help="push the gate to this Hub repo")
     _add_placement_arguments(calibrate, default_device="the CPU")

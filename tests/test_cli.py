@@ -224,3 +224,21 @@ def test_set_resolution_spells_the_backbone_prefixes_as_the_backbones_do():
         backbones.HF_HUB_PREFIX,
         backbones.LOCAL_DIR_PREFIX,
     )
+
+
+def test_calibrate_within_a_budget_with_a_cascade_and_predict_shows_the_cost(
+    toy_backbone_dirs, image_folder, tmp_path, capsys
+):
+    output = tmp_path / "gate"
+    args = ["--dataset", str(image_folder), "--cache-dir", str(tmp_path / "cache"), "--shots", "4"]
+    budget = ["--budget-gflops", "0.0023", "--cascade-tolerance", "0.05", "--eval-split", "test"]
+    assert main(["calibrate", "--backbones", *toy_backbone_dirs, *args, *budget, "--output", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert "Budget 0.0023 GFLOPs/image: chose" in out and "Cascade (tolerance 0.05)" in out and "| gate |" in out
+    model = CLIPEnsembleModel.from_pretrained(output)
+    assert len(model.backbones) == 2 and sum(model.backbone_gflops) <= 0.0023
+    assert model.cascade is not None and model.config.cascade["tolerance"] == 0.05
+    image = next((image_folder / "teal").iterdir())
+    assert main(["predict", str(output), str(image)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{image}: " in printed and " of 2 backbones, " in printed and " GFLOPs]" in printed
