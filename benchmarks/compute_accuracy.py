@@ -96,11 +96,10 @@ def run_seed(task: FeatureTask, gflops: list[float], shots: int, seed: int, tole
     best, _, _ = weigh_subsets(support, dims, gflops, full_gflops / 2, seed=seed)
     subset = list(best["indices"])
     subset_gate = EnsembleGate([dims[b] for b in subset])
-    columns = torch.cat([torch.arange(sum(dims[:b]), sum(dims[: b + 1])) for b in subset])
-    fit_calibrated_gate(subset_gate, Features(support.gate_inputs[:, columns], support.logits[:, subset], support.labels),
-                        seed=seed)  # fmt: skip
+    fit_calibrated_gate(subset_gate, support.of_backbones(dims, subset), seed=seed)
     with torch.no_grad():
-        subset_logits = combine_logits(test.logits[:, subset], subset_gate(test.gate_inputs[:, columns]))
+        subset_test = test.of_backbones(dims, subset)
+        subset_logits = combine_logits(subset_test.logits, subset_gate(subset_test.gate_inputs))
     points.append({"method": "best subset at half budget", "kind": "subset", "top1": top1(subset_logits, test.labels),
                    "gflops": best["gflops"]})  # fmt: skip
     return {

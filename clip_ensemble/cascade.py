@@ -58,19 +58,6 @@ class CascadeReport:
         )
 
 
-def _columns(embed_dims: list[int], backbones: list[int]) -> list[int]:
-    """Gate-input columns of `backbones`, in that order."""
-    starts = np.cumsum([0, *embed_dims])
-    return [c for b in backbones for c in range(starts[b], starts[b + 1])]
-
-
-def _prefix(features: Features, embed_dims: list[int], backbones: list[int]) -> Features:
-    """The features of `backbones` alone, in that order, as `fit_calibrated_gate` takes them."""
-    return Features(
-        features.gate_inputs[:, _columns(embed_dims, backbones)], features.logits[:, backbones], features.labels
-    )
-
-
 def stop_margins(stages: list[OutOfFold], full: OutOfFold, risk: float) -> list[float | None]:
     """Per early stage, the lowest margin at which an image may stop there, or None where none may.
 
@@ -148,7 +135,7 @@ def run_on_features(
     run = torch.full((n,), len(order), device=logits.device)
     running = torch.ones(n, dtype=torch.bool, device=logits.device)
     for k in range(len(order) - 1):
-        prefix = _prefix(features, embed_dims, order[: k + 1])
+        prefix = features.of_backbones(embed_dims, order[: k + 1])
         combined, _, stop = cascade.stage(k, [prefix.gate_inputs], prefix.logits)
         stop &= running
         logits[stop], run[stop] = combined[stop], k + 1
@@ -192,7 +179,7 @@ def fit_cascade(
     cascade = Cascade(embed_dims, order, [None] * (len(order) - 1), hidden_size, combination)
     stages, stage_choices = [], []
     for k, gate in enumerate(cascade.gates):
-        prefix = _prefix(features, embed_dims, order[: k + 1])
+        prefix = features.of_backbones(embed_dims, order[: k + 1])
         if k == 0:  # one backbone: a gate could only rescale its logits, never change its answer
             stages.append(OutOfFold.of(full.index, prefix.logits[full.index, 0]))
             stage_choices.append(SINGLE_BACKBONE)

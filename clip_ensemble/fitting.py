@@ -27,6 +27,12 @@ class Features(NamedTuple):
     def subset(self, index) -> Features:
         return Features(*(t[index] for t in self))
 
+    def of_backbones(self, embed_dims: list[int], backbones: list[int]) -> Features:
+        """The features of `backbones` alone, in that order: their gate-input columns and their logits."""
+        starts = np.cumsum([0, *embed_dims])
+        columns = [c for b in backbones for c in range(starts[b], starts[b + 1])]
+        return Features(self.gate_inputs[:, columns], self.logits[:, list(backbones)], self.labels)
+
 
 def cross_validation_folds(labels: torch.Tensor | list[int], num_folds: int = 5, seed: int = 0) -> list[list[int]]:
     """Split example indices into `min(num_folds, n)` folds, stratified by class, that also work at 1 shot.

@@ -64,12 +64,6 @@ def _check_budget(budget_gflops: float, gflops: list[float], names: list[str]) -
         )
 
 
-def _subset_features(features: Features, embed_dims: list[int], subset: tuple[int, ...]) -> Features:
-    starts = torch.tensor([0, *embed_dims]).cumsum(0).tolist()
-    columns = [c for b in subset for c in range(starts[b], starts[b + 1])]
-    return Features(features.gate_inputs[:, columns], features.logits[:, list(subset)], features.labels)
-
-
 def weigh_subsets(
     features: Features,
     embed_dims: list[int],
@@ -106,7 +100,7 @@ def weigh_subsets(
     for candidate in candidates[:max_candidates]:
         subset = candidate["indices"]
         gate = EnsembleGate([embed_dims[b] for b in subset], hidden_size, combination)
-        choice = fit_calibrated_gate(gate, _subset_features(features, embed_dims, subset), seed=seed)
+        choice = fit_calibrated_gate(gate, features.of_backbones(embed_dims, subset), seed=seed)
         candidate["cv_accuracy"] = choice.cv_accuracy[choice.chosen]
     best = min(candidates[:max_candidates], key=lambda c: (-c["cv_accuracy"], c["gflops"], c["indices"]))
     return best, candidates, len(within)
