@@ -1,0 +1,90 @@
+"""Does a cascade's GFLOPs saving show up in wall-clock time at real backbone sizes? ViT-B/32 and ViT-B/16
+architectures with random weights (benchmarks/realistic_clips.py), run cheapest first: after ViT-B/32 a share of
+the images stops (`--stop-shares`; the stop margin is set to the quantile of their ViT-B/32 margins that stops that
+share) and the others go on to ViT-B/16. Random weights make the stopping decisions meaningless, so this measures
+the mechanics only: the cascade runs each backbone on the images still going, batched.
+
+Per image from pixel values (preprocessing excluded), full ensemble against cascade, side by side: rounds alternate
+the two, times are medians over rounds. Prints a table; `--save` writes it to benchmarks/results/.
+
+    python benchmarks/cascade_wall_clock.py [--save]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from realistic_clips import vit_clip
+from tables import save_result
+
+from clip_ensemble import CLIPEnsembleModel, TransformersBackbone
+from clip_ensemble.cost import Cascade, cost_order, margins
+from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--stop-shares", default="0.5,0.9", help="shares of images that stop after ViT-B/32")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--save", action="store_true")
+    args = parser.parse_args()
+
+    backbones = [
+        TransformersBackbone(*vit_clip(patch, seed=i), f"{name} (random weights)")
+        for i, (name, patch) in enumerate((("ViT-B/32", 32), ("ViT-B/16", 16)))
+    ]
+    model = CLIPEnsembleModel.from_backbones(backbones, labels=list(TOY_CLASSES)).eval()
+    images = [image.resize((224, 224)) for image in toy_dataset(per_class=args.images, seed=0).images[: args.images]]
+    pixel_values = model.processor(images)["pixel_values"]
+    order = cost_order(model.backbone_gflops)
+    first = model(pixel_values=pixel_values).per_backbone_logits[:, order[0]]  # (n, C): the first stage's logits
+    full_gflops = sum(model.backbone_gflops)
+
+    def seconds_per_image() -> tuple[float, float]:
+        started = time.perf_counter()
+        out = model(pixel_values=pixel_values)
+        return (time.perf_counter() - started) / len(images), float(out.gflops.mean())
+
+    rows = []
+    for share in (float(s) for s in args.stop_shares.split(",")):
+        # Images whose margin reaches the (1 - share) quantile stop: about `share` of them.
+        cascade = Cascade(model.embed_dims, order, [float(margins(first).quantile(1 - share))])
+        seconds_per_image()  # warm-up
+        full, cascaded = [], []
+        for _ in range(args.rounds):
+            model.set_cascade(None)
+            full.append(seconds_per_image()[0])
+            model.set_cascade(cascade)
+            seconds, gflops = seconds_per_image()
+            cascaded.append(seconds)
+        model.set_cascade(None)
+        full_s, cascade_s = statistics.median(full), statistics.median(cascaded)
+        rows.append(
+            f"| {100 * share:.0f}% | {1e3 * full_s:.0f} | {1e3 * cascade_s:.0f} | {100 * cascade_s / full_s:.0f}% | "
+            f"{100 * gflops / full_gflops:.0f}% |"
+        )
+    table = "\n".join(
+        [
+            "| images stopping after ViT-B/32 | ms/image, full | ms/image, cascade | cascade's time (% of full) | "
+            "cascade's GFLOPs (% of full) |",
+            "|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
+    setup = (
+        f"ViT-B/32 ({model.backbone_gflops[order[0]]:.2f} GFLOPs) then ViT-B/16 ({model.backbone_gflops[order[1]]:.2f}"
+        f" GFLOPs), random weights, float32; {args.images} images of 224 px in one batch; median of {args.rounds} "
+        "alternating rounds."
+    )
+    output = Path(__file__).parent / "results" / "cascade_wall_clock.md" if args.save else None
+    save_result(output, "Cascade wall clock at ViT-B sizes", "python benchmarks/cascade_wall_clock.py", setup, table)
+
+
+if __name__ == "__main__":
+    main()
