@@ -34,11 +34,12 @@ from safetensors.torch import save as save_safetensors
 
 from .backbones import LOCAL_DIR_PREFIX
 from .calibration import CalibrationReport, calibrate
+from .configuration_clip_ensemble import CLIPEnsembleConfig
 from .data import LabelledImages, from_lists, load_labelled_data, sample_few_shot
 from .evaluation import EvaluationReport, align_labels, evaluate_embeddings
 from .features import FeatureCache
 from .hub_configs import resolve_backbones
-from .modeling_clip_ensemble import GATE_WEIGHTS_NAME, CLIPEnsembleModel
+from .modeling_clip_ensemble import CASCADE_WEIGHTS_NAME, GATE_WEIGHTS_NAME, CLIPEnsembleModel
 from .processing_clip_ensemble import ImageInput, load_image
 
 MAX_LABELS = 200  # labels typed for classification
@@ -148,6 +149,7 @@ class SessionGate:
     labels: list[str] | None = None  # the label set the gate was calibrated on
     source: str = ""  # where the gate came from, in words ("loaded from gate.zip"); empty when calibrated here
     expired: str = ""  # for an uncalibrated gate: why this session's gate is gone
+    cascade: dict | None = None  # a loaded gate's cascade: its `config.cascade` entry, with "weights" (state_dict)
 
     @property
     def calibrated(self) -> bool:
@@ -172,6 +174,13 @@ class SessionGate:
             text += f"calibration kept {chosen} (the trained gate did not beat it)."
         else:
             text += "the gate weighs the backbones per image."
+        if self.cascade is not None:
+            tolerance = self.cascade.get("tolerance")
+            within = f" (top-1 within {tolerance} of all of them on its calibration data)" if tolerance else ""
+            text += (
+                " With a cascade: backbones run cheapest first, and an image stops once the rest are unlikely to "
+                f"change its answer{within}."
+            )
         if self.labels and current_labels is not None and not _same_labels(self.labels, current_labels):
             text += (
                 f" It was calibrated on the labels {', '.join(self.labels)} and now serves your current labels "
@@ -359,6 +368,13 @@ class SharedEnsemble:
             model = self.model
             model.gate.load_state_dict(session.weights if session.calibrated else self._initial_gate)
             model.config.calibration = session.calibration
+            if session.cascade is None:
+                model.set_cascade(None)
+            else:
+                entry = {key: value for key, value in session.cascade.items() if key != "weights"}
+                cascade = model._cascade_from_config(entry)
+                cascade.load_state_dict(session.cascade["weights"])
+                model.set_cascade(cascade, **entry)
             model.set_labels(labels)
             heads = model._head_cache  # one entry per label set ever used: keep the newest few
             while len(heads) > _HEAD_CACHE_SIZE:
@@ -602,6 +618,10 @@ class SharedEnsemble:
                 "labels": session.labels,
                 "source": session.source,
             }
+            if session.cascade is not None:
+                entry = {key: value for key, value in session.cascade.items() if key != "weights"}
+                weights = base64.b64encode(save_safetensors(session.cascade["weights"])).decode("ascii")
+                payload["gate"]["cascade"] = {**entry, "weights": weights}
         return payload
 
     def from_browser(self, payload) -> tuple[SessionGate, str | None, str]:
@@ -620,6 +640,12 @@ class SharedEnsemble:
                 [dict(entry) for entry in kept.get("backbones") or []], "the gate kept in this browser"
             )
             weights = self._check_weights(base64.b64decode(kept.get("weights") or ""), "the gate kept in this browser")
+            cascade = kept.get("cascade")
+            if cascade is not None:
+                if not isinstance(cascade, dict):
+                    raise ValueError("its cascade is not a record")
+                entry = {key: value for key, value in cascade.items() if key != "weights"}
+                cascade = self._check_cascade(entry, base64.b64decode(cascade.get("weights") or ""), "its cascade")
         except (ValueError, TypeError) as error:
             return SessionGate(), labels_text, f"The gate kept in this browser could not be restored: {error}"
         labels = kept.get("labels")
@@ -629,6 +655,7 @@ class SharedEnsemble:
             str(kept.get("report") or ""),
             labels=[str(label) for label in labels] if isinstance(labels, list) else None,
             source=str(kept.get("source") or ""),
+            cascade=cascade,
         )
         return gate, labels_text, ""
 
@@ -689,6 +716,26 @@ class SharedEnsemble:
             )
         return {k: state[k].to(v.dtype) for k, v in expected.items()}
 
+    def _check_cascade(self, entry, data: bytes | None, what: str) -> dict:
+        """A saved cascade (its `config.cascade` entry and cascade.safetensors bytes) checked strictly against the
+        loaded backbones and gate: returns the entry with its "weights"."""
+        if data is None:
+            raise ValueError(f"{what}: the config has a cascade but no {CASCADE_WEIGHTS_NAME} came with it.")
+        config = self.model.config
+        try:  # the config's own checks: order, stop margins
+            CLIPEnsembleConfig(backbones=config.backbones, labels=["a"], cascade=entry)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{what}: {error}") from None
+        cascade = self.model._cascade_from_config(entry)
+        expected = cascade.state_dict()
+        try:
+            state = load_safetensors(data)
+        except (SafetensorError, ValueError, OSError) as error:
+            raise ValueError(f"{what}: {CASCADE_WEIGHTS_NAME} is not a readable safetensors file ({error}).") from None
+        if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
+            raise ValueError(f"{what}: {CASCADE_WEIGHTS_NAME} does not hold the gates its config describes.")
+        return {**entry, "weights": {k: state[k].to(v.dtype) for k, v in expected.items()}}
+
     def load_gate(self, files: Sequence[str | Path] | None = None, repo_id: str | None = None) -> SessionGate:
         """A gate saved by this app or `save_pretrained`: the downloaded zip, its `config.json` + `gate.safetensors`,
         or a Hub repo id; checked strictly against the loaded backbones and gate."""
@@ -697,22 +744,24 @@ class SharedEnsemble:
         if files and repo_id:
             raise ValueError("Give either files or a Hub repo id, not both.")
         if repo_id:
-            config_bytes, gate_bytes = self._download_gate(repo_id)
+            config_bytes, gate_bytes, cascade_bytes = self._download_gate(repo_id)
             source = f"loaded from the Hub repo {repo_id}"
         elif len(files) == 1 and files[0].suffix.lower() == ".zip":
-            config_bytes, gate_bytes = _gate_from_zip(files[0])
+            config_bytes, gate_bytes, cascade_bytes = _gate_from_zip(files[0])
             source = f"loaded from {files[0].name}"
         elif files:
             by_name = {f.name: f for f in files}
-            if len(files) != 2 or set(by_name) != {"config.json", GATE_WEIGHTS_NAME}:
+            required = {"config.json", GATE_WEIGHTS_NAME}
+            if len(files) != len(by_name) or not required <= set(by_name) <= required | {CASCADE_WEIGHTS_NAME}:
                 raise ValueError(
-                    f"Upload the downloaded gate zip, or the two files config.json and {GATE_WEIGHTS_NAME} "
-                    f"(got {sorted(f.name for f in files)})."
+                    f"Upload the downloaded gate zip, or the files config.json and {GATE_WEIGHTS_NAME} (and "
+                    f"{CASCADE_WEIGHTS_NAME} for a gate with a cascade) (got {sorted(f.name for f in files)})."
                 )
             for f in files:
                 if f.stat().st_size > (MAX_CONFIG_BYTES if f.name == "config.json" else MAX_GATE_FILE_BYTES):
                     raise ValueError(f"'{f.name}' is too large to be a gate file.")
             config_bytes, gate_bytes = by_name["config.json"].read_bytes(), by_name[GATE_WEIGHTS_NAME].read_bytes()
+            cascade_bytes = by_name[CASCADE_WEIGHTS_NAME].read_bytes() if CASCADE_WEIGHTS_NAME in by_name else None
             source = f"loaded from config.json and {GATE_WEIGHTS_NAME}"
         else:
             raise ValueError(
@@ -740,6 +789,9 @@ class SharedEnsemble:
                 "so it would classify differently here; load it with `CLIPEnsembleModel.from_pretrained`."
             )
         weights = self._check_weights(gate_bytes, "the gate")
+        cascade = None
+        if config.get("cascade") is not None:
+            cascade = self._check_cascade(config["cascade"], cascade_bytes, "the gate's cascade")
         labels = config.get("labels")
         calibration = config.get("calibration") if isinstance(config.get("calibration"), dict) else None
         report = f"Gate {source}" + (f", calibrated on {calibration.get('dataset')}" if calibration else "") + "."
@@ -751,23 +803,27 @@ class SharedEnsemble:
             report,
             labels=[str(label) for label in labels] if isinstance(labels, list) else None,
             source=source,
+            cascade=cascade,
         )
 
-    def _download_gate(self, repo_id: str) -> tuple[bytes, bytes]:
+    def _download_gate(self, repo_id: str) -> tuple[bytes, bytes, bytes | None]:
+        """config.json, gate.safetensors and, when the config has a cascade, cascade.safetensors from the Hub."""
         if not _HUB_ID.match(repo_id) or ".." in repo_id or Path(repo_id).exists():
             raise ValueError(f"'{repo_id}' is not a Hub repo id; give one like 'your-name/my-gate'.")
         from huggingface_hub import hf_hub_download
 
         try:
             paths = [Path(hf_hub_download(repo_id, name)) for name in ("config.json", GATE_WEIGHTS_NAME)]
+            if _has_cascade(paths[0].read_bytes()):
+                paths.append(Path(hf_hub_download(repo_id, CASCADE_WEIGHTS_NAME)))
         except Exception as error:  # offline, not found, gated: the Hub raises many types
             raise ValueError(
                 f"Could not download the gate from the Hub repo '{repo_id}': {type(error).__name__}. Check the id "
                 "(and that the repo is public); offline, upload the downloaded zip instead."
             ) from None
-        if paths[1].stat().st_size > MAX_GATE_FILE_BYTES:
+        if any(path.stat().st_size > MAX_GATE_FILE_BYTES for path in paths[1:]):
             raise ValueError(f"'{repo_id}' holds a {GATE_WEIGHTS_NAME} too large to be a gate.")
-        return paths[0].read_bytes(), paths[1].read_bytes()
+        return paths[0].read_bytes(), paths[1].read_bytes(), paths[2].read_bytes() if len(paths) > 2 else None
 
     def _require_calibrated(self, session: SessionGate) -> None:
         if not session.calibrated:
@@ -854,8 +910,19 @@ def _short(name) -> str:
     return Path(name.removeprefix(LOCAL_DIR_PREFIX)).name if name.startswith(("/", ".", LOCAL_DIR_PREFIX)) else name
 
 
-def _gate_from_zip(path: Path) -> tuple[bytes, bytes]:
-    """config.json and gate.safetensors from a downloaded gate zip (at its top or in one folder), read in memory."""
+def _has_cascade(config_bytes: bytes) -> bool:
+    """Whether a saved config.json describes a cascade (then cascade.safetensors belongs with it)."""
+    try:
+        config = json.loads(config_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False  # load_gate reports the bad JSON
+    return isinstance(config, dict) and config.get("cascade") is not None
+
+
+def _gate_from_zip(path: Path) -> tuple[bytes, bytes, bytes | None]:
+    """config.json, gate.safetensors and cascade.safetensors (None when absent) from a downloaded gate zip (at its
+    top or in one folder), read in memory."""
+    names = ("config.json", GATE_WEIGHTS_NAME, CASCADE_WEIGHTS_NAME)
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError):
@@ -864,7 +931,7 @@ def _gate_from_zip(path: Path) -> tuple[bytes, bytes]:
         found = {}
         for info in archive.infolist():
             name = Path(info.filename)
-            if name.name in ("config.json", GATE_WEIGHTS_NAME) and len(name.parts) <= 2:
+            if name.name in names and len(name.parts) <= 2:
                 if name.name in found:
                     raise ValueError(f"'{path.name}' holds more than one {name.name}; zip one gate.")
                 limit = MAX_CONFIG_BYTES if name.name == "config.json" else MAX_GATE_FILE_BYTES
@@ -872,7 +939,7 @@ def _gate_from_zip(path: Path) -> tuple[bytes, bytes]:
     missing = sorted({"config.json", GATE_WEIGHTS_NAME} - set(found))
     if missing:
         raise ValueError(f"'{path.name}' has no {' or '.join(missing)}; upload the zip the Save tab downloads.")
-    return found["config.json"], found[GATE_WEIGHTS_NAME]
+    return found["config.json"], found[GATE_WEIGHTS_NAME], found.get(CASCADE_WEIGHTS_NAME)
 
 
 def verdict(report: EvaluationReport) -> str:

@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import json
+import shutil
 import threading
 import zipfile
 from types import SimpleNamespace
@@ -11,10 +12,11 @@ from unittest import mock
 import datasets
 import httpx
 import pytest
+import torch
 from huggingface_hub import CommitInfo, HfApi, RepoUrl
 from huggingface_hub.errors import HfHubHTTPError
 
-from clip_ensemble import CLIPEnsembleModel, FeatureCache, app_logic
+from clip_ensemble import CLIPEnsembleModel, FeatureCache, app_logic, calibrate
 from clip_ensemble.app_logic import (
     GATE_FOLDER,
     GateStore,
@@ -304,7 +306,7 @@ def test_a_downloaded_gate_loads_back_and_classifies_identically(ensemble, calib
     folder = tmp_path / GATE_FOLDER
     from_files = ensemble.load_gate([folder / "gate.safetensors", folder / "config.json"])
     assert ensemble.classify(from_files, LABELS, probe).top == expected.top
-    with pytest.raises(ValueError, match=r"config.json and gate.safetensors \(got \['config.json'\]\)"):
+    with pytest.raises(ValueError, match=r"config.json and gate.safetensors \(and cascade.*\(got \['config.json'\]\)"):
         ensemble.load_gate([folder / "config.json"])
 
 
@@ -405,3 +407,38 @@ def test_the_backbone_list_names_backbones_not_server_paths(ensemble, toy_backbo
     text = ensemble.describe()
     assert "`toy-clip-0`" in text and "(a local folder)" in text
     assert all(folder not in text for folder in toy_backbone_dirs)
+
+
+def test_a_gate_with_a_cascade_loads_runs_saves_and_survives_a_reload(ensemble, toy_backbone_dirs, probe, tmp_path):
+    model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
+    calibrate(model, toy_dataset(per_class=8, seed=3), shots=8, cache=FeatureCache(None), cascade_tolerance=0.05)
+    model.cascade.stop_margins = [0.0, 0.0]  # every image stops after the cheapest backbone
+    model.set_cascade(model.cascade)
+    model.save_pretrained(tmp_path / "saved")
+    archive = shutil.make_archive(str(tmp_path / "saved-gate"), "zip", root_dir=tmp_path / "saved")
+
+    loaded = ensemble.load_gate([archive])
+    assert loaded.cascade["stop_margins"] == [0.0, 0.0] and "With a cascade" in loaded.describe()
+    prediction = ensemble.classify(loaded, LABELS, probe)
+    assert "needed 1 of 3 backbones" in prediction.note
+    with torch.no_grad():
+        expected = model(images=[probe])
+    assert list(prediction.top)[0] == TOY_CLASSES[int(expected.logits.argmax())]
+    assert "needed 3 of 3 backbones" in ensemble.classify(SessionGate(), LABELS, probe).note  # others: no cascade
+
+    # Saved again by the app, and kept in the browser: the cascade goes along.
+    again = ensemble.load_gate([ensemble.save_zip(loaded, LABELS, tmp_path / "out")])
+    assert again.cascade["stop_margins"] == [0.0, 0.0]
+    payload = json.loads(json.dumps(ensemble.to_browser(loaded, LABELS)))
+    restored, _, problem = ensemble.from_browser(payload)
+    assert problem == "" and "needed 1 of 3 backbones" in ensemble.classify(restored, LABELS, probe).note
+    payload["gate"]["cascade"]["stop_margins"] = [-1.0, 0.0]
+    broken, _, problem = ensemble.from_browser(payload)
+    assert not broken.calibrated and "could not be restored" in problem and "stop margin -1.0" in problem
+
+    # A config with a cascade needs its cascade.safetensors.
+    folder = tmp_path / "saved"
+    with pytest.raises(ValueError, match="the config has a cascade but no cascade.safetensors came with it"):
+        ensemble.load_gate([folder / "config.json", folder / "gate.safetensors"])
+    files = ensemble.load_gate([folder / "config.json", folder / "gate.safetensors", folder / "cascade.safetensors"])
+    assert files.cascade["order"] == model.cascade.order
