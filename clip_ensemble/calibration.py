@@ -104,7 +104,8 @@ def calibrate(
 
     `cascade_tolerance` (e.g. 0.01, one point of top-1) also fits a cascade (`clip_ensemble.cascade.fit_cascade`):
     backbones run cheapest first and an image stops once the rest are unlikely to change its answer, with the
-    largest saving whose cross-validated top-1 stays within that tolerance of the full ensemble's. `None` (the default) removes any cascade.
+    largest saving whose cross-validated top-1 stays within that tolerance of the full ensemble's. `None` (the
+    default) removes any cascade.
     """
     if cascade_tolerance is not None and (
         isinstance(cascade_tolerance, bool)

@@ -163,9 +163,9 @@ def fit_cascade(
     them (after the first backbone, its own logits: a gate could not change its answer), and an image stops when
     the combination's margin reaches that stage's stop margin. Stop margins come from one risk (`stop_margins`):
     the estimated chance that running the rest would change a stopped image's answer. The risk is the one with the
-    lowest mean GFLOPs whose estimated loss of top-1 against the full ensemble, out of fold (see `_choose`), is at
-    most `tolerance` (a fraction: 0.01 is one point). `tolerance=0` never stops early: the cascade then gives the full ensemble's answers exactly.
-    Costs B - 2 calls of `fit_calibrated_gate` (over 2 to B - 1 backbones).
+    lowest mean GFLOPs whose estimated loss of top-1 against the full ensemble, out of fold (`_estimated_loss`), is
+    at most `tolerance` (a fraction: 0.01 is one point). `tolerance=0` never stops early: the cascade then gives the
+    full ensemble's answers exactly. Costs B - 2 calls of `fit_calibrated_gate` (over 2 to B - 1 backbones).
     """
     if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not 0 <= tolerance < 1:
         raise ValueError(

@@ -61,7 +61,8 @@ class CLIPEnsembleConfig(PretrainedConfig):
             A cascade that runs backbones cheapest first and lets confident images stop early: `order` (backbone
             indices in run order), `stop_margins` (per stage but the last, the margin, top-1 minus top-2 logit, at
             which an image stops there; `None` where none stops) and what its fitting estimated (`tolerance`,
-            `mean_gflops`, ...). Its gates are saved in `cascade.safetensors`. `None` (the default) runs every backbone on every image.
+            `mean_gflops`, ...). Its gates are saved in `cascade.safetensors`. `None` (the default) runs every
+            backbone on every image.
 
     Example:
 

@@ -300,8 +300,8 @@ def accuracy_against_compute(
     """Top-1 and mean GFLOPs per image on cached embeddings: each backbone alone; every subset of two or more
     backbones by plain averaging (up to 6 backbones); the full ensemble (the gate, every backbone run); and, for a
     model with a cascade, the cascade at its own stop margins and at those other tolerances would have chosen
-    (`config.cascade["stop_margins_by_tolerance"]`). One dict per point: method, kind, top1, gflops. Runs `chunk_size` images at
-    a time."""
+    (`config.cascade["stop_margins_by_tolerance"]`). One dict per point: method, kind, top1, gflops. Runs
+    `chunk_size` images at a time."""
     names, gflops = model.config.backbone_names, model.backbone_gflops
     subsets = [
         subset
