@@ -216,9 +216,11 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     3. the gate, whose weights depend on the image.
     Static weights and the gate are scored out of fold, against the best backbone chosen out of fold too: trained
     on each fold's training part and scored on its held-out part at every training length in `STEP_CHOICES`, the
-    length with the lowest out-of-fold cross-entropy chosen, then refitted on all examples for that length. From `SINGLE_SPLIT_FROM` examples on, one held-out
-    quarter is scored and the model trained on the other three quarters is kept. At 1 shot a held-out example's
-    class is missing from its fold's training part, so the trained candidates' estimates are pessimistic there.
+    length with the lowest out-of-fold cross-entropy chosen, then refitted on all examples for that length. From
+    `SINGLE_SPLIT_FROM` examples on, one held-out quarter is scored and the model trained on the other three
+    quarters is kept. At 1 shot a held-out example's class is missing from its fold's training part, so the trained
+    candidates' estimates are pessimistic there. The chosen candidate's out-of-fold answers come back in
+    `GateChoice.out_of_fold` (the cascade fits its stopping rule on them).
     """
     features = Features(*features)
     labels = features.labels
