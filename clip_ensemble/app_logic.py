@@ -821,8 +821,9 @@ class SharedEnsemble:
                 f"Could not download the gate from the Hub repo '{repo_id}': {type(error).__name__}. Check the id "
                 "(and that the repo is public); offline, upload the downloaded zip instead."
             ) from None
-        if any(path.stat().st_size > MAX_GATE_FILE_BYTES for path in paths[1:]):
-            raise ValueError(f"'{repo_id}' holds a {GATE_WEIGHTS_NAME} too large to be a gate.")
+        for path in paths[1:]:
+            if path.stat().st_size > MAX_GATE_FILE_BYTES:
+                raise ValueError(f"'{repo_id}' holds a {path.name} too large to be a gate's.")
         return paths[0].read_bytes(), paths[1].read_bytes(), paths[2].read_bytes() if len(paths) > 2 else None
 
     def _require_calibrated(self, session: SessionGate) -> None:
