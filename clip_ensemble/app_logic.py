@@ -149,7 +149,8 @@ class SessionGate:
     labels: list[str] | None = None  # the label set the gate was calibrated on
     source: str = ""  # where the gate came from, in words ("loaded from gate.zip"); empty when calibrated here
     expired: str = ""  # for an uncalibrated gate: why this session's gate is gone
-    cascade: dict | None = None  # a loaded gate's cascade: its `config.cascade` entry, with "weights" (state_dict)
+    cascade: dict | None = None  # a loaded gate's cascade: its `config.cascade` entry (order, stop margins, ...)
+    cascade_weights: dict[str, torch.Tensor] | None = None  # and its gates' state_dict
 
     @property
     def calibrated(self) -> bool:
@@ -371,10 +372,9 @@ class SharedEnsemble:
             if session.cascade is None:
                 model.set_cascade(None)
             else:
-                entry = {key: value for key, value in session.cascade.items() if key != "weights"}
-                cascade = model._cascade_from_config(entry)
-                cascade.load_state_dict(session.cascade["weights"])
-                model.set_cascade(cascade, **entry)
+                cascade = model._cascade_from_config(session.cascade)
+                cascade.load_state_dict(session.cascade_weights)
+                model.set_cascade(cascade, **session.cascade)
             model.set_labels(labels)
             heads = model._head_cache  # one entry per label set ever used: keep the newest few
             while len(heads) > _HEAD_CACHE_SIZE:
@@ -619,9 +619,10 @@ class SharedEnsemble:
                 "source": session.source,
             }
             if session.cascade is not None:
-                entry = {key: value for key, value in session.cascade.items() if key != "weights"}
-                weights = base64.b64encode(save_safetensors(session.cascade["weights"])).decode("ascii")
-                payload["gate"]["cascade"] = {**entry, "weights": weights}
+                payload["gate"]["cascade"] = session.cascade
+                payload["gate"]["cascade_weights"] = base64.b64encode(
+                    save_safetensors(session.cascade_weights)
+                ).decode()
         return payload
 
     def from_browser(self, payload) -> tuple[SessionGate, str | None, str]:
@@ -640,12 +641,10 @@ class SharedEnsemble:
                 [dict(entry) for entry in kept.get("backbones") or []], "the gate kept in this browser"
             )
             weights = self._check_weights(base64.b64decode(kept.get("weights") or ""), "the gate kept in this browser")
-            cascade = kept.get("cascade")
+            cascade, cascade_weights = kept.get("cascade"), None
             if cascade is not None:
-                if not isinstance(cascade, dict):
-                    raise ValueError("its cascade is not a record")
-                entry = {key: value for key, value in cascade.items() if key != "weights"}
-                cascade = self._check_cascade(entry, base64.b64decode(cascade.get("weights") or ""), "its cascade")
+                data = base64.b64decode(kept.get("cascade_weights") or "")
+                cascade_weights = self._check_cascade(cascade, data, "its cascade")
         except (ValueError, TypeError) as error:
             return SessionGate(), labels_text, f"The gate kept in this browser could not be restored: {error}"
         labels = kept.get("labels")
@@ -656,6 +655,7 @@ class SharedEnsemble:
             labels=[str(label) for label in labels] if isinstance(labels, list) else None,
             source=str(kept.get("source") or ""),
             cascade=cascade,
+            cascade_weights=cascade_weights,
         )
         return gate, labels_text, ""
 
@@ -716,9 +716,9 @@ class SharedEnsemble:
             )
         return {k: state[k].to(v.dtype) for k, v in expected.items()}
 
-    def _check_cascade(self, entry, data: bytes | None, what: str) -> dict:
+    def _check_cascade(self, entry, data: bytes | None, what: str) -> dict[str, torch.Tensor]:
         """A saved cascade (its `config.cascade` entry and cascade.safetensors bytes) checked strictly against the
-        loaded backbones and gate: returns the entry with its "weights"."""
+        loaded backbones and gate: returns its gates' weights."""
         if data is None:
             raise ValueError(f"{what}: the config has a cascade but no {CASCADE_WEIGHTS_NAME} came with it.")
         config = self.model.config
@@ -734,7 +734,7 @@ class SharedEnsemble:
             raise ValueError(f"{what}: {CASCADE_WEIGHTS_NAME} is not a readable safetensors file ({error}).") from None
         if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
             raise ValueError(f"{what}: {CASCADE_WEIGHTS_NAME} does not hold the gates its config describes.")
-        return {**entry, "weights": {k: state[k].to(v.dtype) for k, v in expected.items()}}
+        return {k: state[k].to(v.dtype) for k, v in expected.items()}
 
     def load_gate(self, files: Sequence[str | Path] | None = None, repo_id: str | None = None) -> SessionGate:
         """A gate saved by this app or `save_pretrained`: the downloaded zip, its `config.json` + `gate.safetensors`,
@@ -789,9 +789,9 @@ class SharedEnsemble:
                 "so it would classify differently here; load it with `CLIPEnsembleModel.from_pretrained`."
             )
         weights = self._check_weights(gate_bytes, "the gate")
-        cascade = None
-        if config.get("cascade") is not None:
-            cascade = self._check_cascade(config["cascade"], cascade_bytes, "the gate's cascade")
+        cascade, cascade_weights = config.get("cascade"), None
+        if cascade is not None:
+            cascade_weights = self._check_cascade(cascade, cascade_bytes, "the gate's cascade")
         labels = config.get("labels")
         calibration = config.get("calibration") if isinstance(config.get("calibration"), dict) else None
         report = f"Gate {source}" + (f", calibrated on {calibration.get('dataset')}" if calibration else "") + "."
@@ -804,6 +804,7 @@ class SharedEnsemble:
             labels=[str(label) for label in labels] if isinstance(labels, list) else None,
             source=source,
             cascade=cascade,
+            cascade_weights=cascade_weights,
         )
 
     def _download_gate(self, repo_id: str) -> tuple[bytes, bytes, bytes | None]:
