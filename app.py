@@ -445,7 +445,7 @@ def build_demo(
         def on_classify(labels_text, image_file, k, request: gr.Request):
             prediction = ensemble.classify(held(request), labels_text, image_file, int(k))
             rows = pd.DataFrame(prediction.backbones)
-            rows["probability"] = rows["probability"].map("{:.1%}".format)
+            rows["probability"] = rows["probability"].map(lambda p: "" if pd.isna(p) else f"{p:.1%}")
             rows["gate weight"] = rows["gate weight"].map("{:.3f}".format)
             chart = pd.DataFrame(
                 {"backbone": list(prediction.gate_weights), "weight": list(prediction.gate_weights.values())}

@@ -576,15 +576,25 @@ class SharedEnsemble:
             check_upload(image, "the image to classify") if isinstance(image, (str, Path)) else load_image(image)
         )
         pixel_values = self.model.processor([pil_image])["pixel_values"]
-        embeds = self.model.encode_images(pixel_values)  # backbones only: no lock needed
+        if session.cascade is None:
+            inputs = {"image_embeds": self.model.encode_images(pixel_values)}  # backbones before the lock
+        else:  # the cascade runs, under the lock, only the backbones this image needs
+            inputs = {"pixel_values": pixel_values}
         with self._session(session, labels) as model, torch.no_grad():
-            out = model(image_embeds=embeds)
+            out = model(**inputs)
         probs = out.logits.softmax(-1)[0]  # (num_labels,)
-        per_backbone = out.per_backbone_logits[0].softmax(-1)  # (num_backbones, num_labels)
+        per_backbone = out.per_backbone_logits[0].softmax(-1)  # (num_backbones, num_labels); NaN: not run
         weights = out.gate_weights[0].tolist()  # (num_backbones,)
         top = probs.topk(min(top_k, len(labels)))
         rows = [
             {"backbone": name, "top label": labels[int(p.argmax())], "probability": float(p.max()), "gate weight": w}
+            if not p.isnan().any()
+            else {
+                "backbone": name,
+                "top label": "(not run: the image stopped before it)",
+                "probability": None,
+                "gate weight": w,
+            }
             for name, p, w in zip(self.names, per_backbone, weights)
         ]
         note = session.describe(labels)

@@ -409,7 +409,17 @@ def test_the_backbone_list_names_backbones_not_server_paths(ensemble, toy_backbo
     assert all(folder not in text for folder in toy_backbone_dirs)
 
 
-def test_a_gate_with_a_cascade_loads_runs_saves_and_survives_a_reload(ensemble, toy_backbone_dirs, probe, tmp_path):
+def _recording(encode, backbone, ran):
+    def wrapped(*args, **kwargs):
+        ran.append(backbone)
+        return encode(*args, **kwargs)
+
+    return wrapped
+
+
+def test_a_gate_with_a_cascade_loads_runs_saves_and_survives_a_reload(
+    ensemble, toy_backbone_dirs, probe, tmp_path, monkeypatch
+):
     model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
     calibrate(model, toy_dataset(per_class=8, seed=3), shots=8, cache=FeatureCache(None), cascade_tolerance=0.05)
     model.cascade.stop_margins = [0.0, 0.0]  # every image stops after the cheapest backbone
@@ -419,8 +429,16 @@ def test_a_gate_with_a_cascade_loads_runs_saves_and_survives_a_reload(ensemble, 
 
     loaded = ensemble.load_gate([archive])
     assert loaded.cascade["stop_margins"] == [0.0, 0.0] and "With a cascade" in loaded.describe()
+    ran, _ = [], ensemble.model.backbone_gflops  # measured once (a forward per backbone), before recording
+    for backbone in ensemble.model.backbones:
+        monkeypatch.setattr(backbone, "encode_images", _recording(backbone.encode_images, backbone, ran))
     prediction = ensemble.classify(loaded, LABELS, probe)
+    monkeypatch.undo()
     assert "needed 1 of 3 backbones" in prediction.note
+    first = model.cascade.order[0]  # only the cheapest backbone ran; the table says which did not
+    assert ran == [ensemble.model.backbones[first]]
+    skipped = [row for row in prediction.backbones if row["probability"] is None]
+    assert len(skipped) == 2 and all("not run" in row["top label"] and row["gate weight"] == 0 for row in skipped)
     with torch.no_grad():
         expected = model(images=[probe])
     assert list(prediction.top)[0] == TOY_CLASSES[int(expected.logits.argmax())]
