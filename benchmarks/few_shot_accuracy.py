@@ -66,8 +66,8 @@ def few_shot_indices(labels: torch.Tensor, shots: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def score_methods(task: FeatureTask, support: Features, test: Features, seed: int) -> dict[str, float]:
-    """Test top-1 of every method fitted on `support` (one k-shot draw)."""
+def score_methods(task: FeatureTask, support: Features, test: Features, seed: int) -> tuple[dict[str, float], str]:
+    """Test top-1 of every method fitted on `support` (one k-shot draw), and what calibration kept."""
     logits, labels = test.logits, test.labels  # (n, B, C), (n,)
     top1 = {}
     correct = logits.argmax(-1) == labels[:, None]  # (n, B)
@@ -82,36 +82,37 @@ def score_methods(task: FeatureTask, support: Features, test: Features, seed: in
     top1["majority vote"] = float((votes.argmax(-1) == labels).float().mean())
     with torch.enable_grad():
         gate = EnsembleGate([e.shape[1] for e in task.pool_embeds])
-        fit_calibrated_gate(gate, support, seed=seed)
+        choice = fit_calibrated_gate(gate, support, seed=seed)
         baselines = fit_baselines(support, [e.shape[1] for e in task.pool_embeds], task.logit_scales, seed=seed)
     top1[GATE] = float((combine_logits(logits, gate(test.gate_inputs)).argmax(-1) == labels).float().mean())
     for name, baseline in baselines.items():
         top1[name] = float((baseline.scores(test).argmax(-1) == labels).float().mean())
     top1[ORACLE] = float(correct.any(1).float().mean())
-    return top1
+    return top1, choice.chosen
 
 
-def run(task: FeatureTask, shots: tuple[int, ...], seeds: int) -> dict[int, dict[str, list[float]]]:
-    """k -> method -> test top-1 per seed."""
+def run(task: FeatureTask, shots: tuple[int, ...], seeds: int) -> tuple[dict, dict]:
+    """k -> method -> test top-1 per seed, and k -> what calibration kept per seed."""
     pool = Features(torch.cat(task.pool_embeds, -1), task.logits(task.pool_embeds), task.pool_labels)
     test = Features(torch.cat(task.test_embeds, -1), task.logits(task.test_embeds), task.test_labels)
-    results = {}
+    results, kept = {}, {}
     for k in shots:
         started = time.perf_counter()
         per_seed = [
             score_methods(task, pool.subset(few_shot_indices(pool.labels, k, s)), test, s) for s in range(seeds)
         ]
-        results[k] = {method: [r[method] for r in per_seed] for method in per_seed[0]}
+        results[k] = {method: [r[method] for r, _ in per_seed] for method in per_seed[0][0]}
+        kept[k] = [chosen for _, chosen in per_seed]
         gate, mean = np.mean(results[k][GATE]), np.mean(results[k]["mean of logits"])
         print(
             f"  {task.name} k={k}: ours {100 * gate:.1f}, mean of logits {100 * mean:.1f} "
             f"({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
-    return results
+    return results, kept
 
 
-def table(task: FeatureTask, results: dict[int, dict[str, list[float]]], seeds: int) -> str:
+def table(task: FeatureTask, results: dict[int, dict[str, list[float]]], kept: dict[int, list[str]], seeds: int) -> str:
     shots = list(results)
     lines = [
         f"### {task.name}: {len(task.test_labels)} test images, {len(task.label_names)} classes, "
@@ -125,6 +126,8 @@ def table(task: FeatureTask, results: dict[int, dict[str, list[float]]], seeds: 
         if method == GATE:
             cells = [f"**{cell}**" for cell in cells]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    counts = [", ".join(f"{name} x{kept[k].count(name)}" for name in dict.fromkeys(kept[k])) for k in shots]
+    lines += ["", "Calibration kept, over the seeds: " + "; ".join(f"k={k}: {c}" for k, c in zip(shots, counts)) + "."]
     return "\n".join(lines)
 
 
@@ -168,8 +171,9 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="clip-ensemble-bench-"))
     started = time.perf_counter()
     tasks = load_tasks(args.tasks, workdir, args.synthetic_classes)
-    all_results = {task.name: run(task, tuple(args.shots), args.seeds) for task in tasks}
-    tables = "\n\n".join(table(task, all_results[task.name], args.seeds) for task in tasks)
+    runs = {task.name: run(task, tuple(args.shots), args.seeds) for task in tasks}
+    all_results = {name: results for name, (results, _) in runs.items()}
+    tables = "\n\n".join(table(task, *runs[task.name], args.seeds) for task in tasks)
     text = f"{tables}\n\nTotal time {time.perf_counter() - started:.0f} s."
     print(text)
     if args.save:

@@ -17,14 +17,16 @@ from .modeling_clip_ensemble import CLIPEnsembleModel
 
 @dataclass
 class CalibrationReport:
-    """What a calibration chose and why: cross-validated top-1 of the gate, of static per-backbone weights, of plain
-    averaging and of the best backbone on the calibration images (mean and spread over folds), and how long it took."""
+    """What a calibration chose and why: the cross-validated cross-entropy (which the choice compares) and top-1 (mean
+    and spread over folds) of the gate, of static per-backbone weights, of plain averaging and of the best backbone
+    on the calibration images, and how long it took."""
 
     dataset: str
     shots: int
     seed: int
     num_images: int
     chosen: str  # "gate", "static weights", "mean of logits" or "best backbone"
+    cv_loss: dict[str, float]  # candidate -> mean cross-entropy on the folds' held-out parts
     cv_accuracy: dict[str, float]  # candidate -> mean top-1 over the folds' held-out parts
     cv_spread: dict[str, float]  # candidate -> standard deviation of that top-1 over folds
     num_folds: int
@@ -44,12 +46,13 @@ class CalibrationReport:
 
     def verdict(self) -> str:
         """One sentence: what calibration kept, and the cross-validated evidence for it."""
-        acc = {
-            name: f"{100 * value:.1f}% ± {100 * self.cv_spread[name]:.1f}" for name, value in self.cv_accuracy.items()
+        evidence = {
+            name: f"{self.cv_loss[name]:.3f} ({100 * value:.1f}% ± {100 * self.cv_spread[name]:.1f})"
+            for name, value in self.cv_accuracy.items()
         }
         evidence = (
-            f"gate {acc[GATE]}, static weights {acc[STATIC_WEIGHTS]}, plain averaging {acc[MEAN_OF_LOGITS]}, "
-            f"best backbone ({self.best_backbone}) {acc[BEST_BACKBONE]}"
+            f"gate {evidence[GATE]}, static weights {evidence[STATIC_WEIGHTS]}, plain averaging "
+            f"{evidence[MEAN_OF_LOGITS]}, best backbone ({self.best_backbone}) {evidence[BEST_BACKBONE]}"
         )
         reason = {
             GATE: "the per-image gate beat every simpler combination",
@@ -61,8 +64,8 @@ class CalibrationReport:
         }[self.chosen]
         folds = "one held-out quarter" if self.num_folds == 1 else f"{self.num_folds}-fold cross-validation"
         return (
-            f"Chose {self.chosen}: {reason} ({folds} on the calibration images; top-1, mean ± spread over folds: "
-            f"{evidence})."
+            f"Chose {self.chosen}: {reason} ({folds} on the calibration images; held-out cross-entropy, and top-1 as "
+            f"mean ± spread over folds: {evidence})."
         )
 
     def __str__(self) -> str:
@@ -150,6 +153,7 @@ def calibrate(
         seed=seed,
         num_images=len(support),
         chosen=choice.chosen,
+        cv_loss=choice.cv_loss,
         cv_accuracy=choice.cv_accuracy,
         cv_spread=choice.cv_spread,
         num_folds=choice.num_folds,
@@ -171,6 +175,7 @@ def calibrate(
         "images": len(support),
         "chosen": report.chosen,
         "why": report.verdict(),
+        "cross_validated_loss": {name: round(loss, 4) for name, loss in report.cv_loss.items()},
         "cross_validated_accuracy": {name: round(acc, 4) for name, acc in report.cv_accuracy.items()},
         "cross_validated_spread": {name: round(acc, 4) for name, acc in report.cv_spread.items()},
         "folds": report.num_folds,

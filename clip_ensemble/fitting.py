@@ -100,12 +100,15 @@ class OutOfFold(NamedTuple):
 class GateChoice:
     """What `fit_calibrated_gate` chose and why.
 
-    `cv_accuracy` and `cv_spread` are the mean and standard deviation over folds of each candidate's top-1 on the
-    folds' held-out examples: out of fold for the gate, the static weights and the best backbone (chosen and trained
-    without them); plain averaging has nothing to fit.
+    `cv_loss` is each candidate's mean cross-entropy on the held-out examples, which the choice compares;
+    `cv_accuracy` and `cv_spread` are the mean and standard deviation over folds of its top-1 there. Everything is
+    out of fold: the gate, the static weights and the best backbone are chosen and trained without the examples they
+    are scored on (plain averaging has nothing to fit), and the untrained candidates' confidence (an inverse
+    temperature) too.
     """
 
     chosen: str  # GATE, STATIC_WEIGHTS, MEAN_OF_LOGITS or BEST_BACKBONE
+    cv_loss: dict[str, float]
     cv_accuracy: dict[str, float]
     cv_spread: dict[str, float]
     num_folds: int  # folds whose held-out part was scored (1: a single held-out quarter)
@@ -147,11 +150,28 @@ def _train(
             break
 
 
-def _beats(challenger: torch.Tensor, incumbent: torch.Tensor) -> bool:
-    """Whether `challenger` is right more often than `incumbent` on the same examples by more than one standard
-    error of the paired difference (a guard against choosing the more complex model on noise)."""
-    difference = challenger.float() - incumbent.float()
-    return bool(difference.mean() > difference.std(correction=0) / math.sqrt(len(difference)))
+def _beats(gain: torch.Tensor) -> bool:
+    """Whether a per-example gain of a challenger over the incumbent (the incumbent's held-out cross-entropy minus
+    the challenger's, on the same examples) is positive by more than one standard error: a guard against choosing
+    the more complex model on noise."""
+    return bool(gain.mean() > gain.std(correction=0) / math.sqrt(len(gain)))
+
+
+def _fit_inverse_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The t > 0 that minimises the cross-entropy of t * logits ((n, C), (n,)): it changes no answer, only how
+    confident the answers are."""
+    log_t = torch.zeros((), device=logits.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], max_iter=50, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(logits * log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return float(log_t.detach().clamp(-10, 10).exp())
 
 
 @dataclass
@@ -208,15 +228,18 @@ def _cross_validate(
 def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0, num_folds: int = 5) -> GateChoice:
     """Fit `gate` in place on `features`, keeping a simpler combination when the gate does not help.
 
-    From the simplest to the richest, each candidate replaces the one kept so far only when it is right more often,
-    on the same examples, by more than one standard error of the paired difference:
-    1. plain logit averaging (the gate's starting point), then the best single backbone on all the examples (both
-       untrained: compared on all examples);
-    2. static weights: one learned weight per backbone, the same for every image (the gate's output bias alone);
-    3. the gate, whose weights depend on the image.
-    Static weights and the gate are scored out of fold, against the best backbone chosen out of fold too: trained
+    The candidates, from the simplest to the richest:
+    1. plain logit averaging (the gate's starting point);
+    2. the best single backbone (on all the examples);
+    3. static weights: one learned weight per backbone, the same for every image (the gate's output bias alone);
+    4. the gate, whose weights depend on the image.
+    Each is scored by its cross-entropy on held-out examples, out of fold. Static weights and the gate are trained
     on each fold's training part and scored on its held-out part at every training length in `STEP_CHOICES`, the
-    length with the lowest out-of-fold cross-entropy chosen, then refitted on all examples for that length. From
+    length with the lowest out-of-fold cross-entropy chosen, then refitted on all examples for that length. The
+    best backbone is chosen on each fold's training part; averaging and the best backbone are scored at an inverse
+    temperature fitted there. Each candidate in turn replaces the one kept so far only when its cross-entropy is
+    lower on the same examples by more than one standard error of the paired difference. Cross-entropy rather than
+    top-1 because a few calibration images give top-1 too few distinct values to tell candidates apart. From
     `SINGLE_SPLIT_FROM` examples on, one held-out quarter is scored and the model trained on the other three
     quarters is kept. At 1 shot a held-out example's class is missing from its fold's training part, so the trained
     candidates' estimates are pessimistic there. The chosen candidate's out-of-fold answers come back in
@@ -231,14 +254,19 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     single_correct = features.logits.argmax(-1) == labels[:, None]  # (n, B)
     best = int(single_correct.float().mean(0).argmax())
     mean_logits = features.logits.mean(1)  # (n, C)
-    mean_correct = mean_logits.argmax(-1) == labels  # (n,)
-    chosen = BEST_BACKBONE if _beats(single_correct[:, best], mean_correct) else MEAN_OF_LOGITS
-    # Trained candidates are compared out of fold, so the best backbone is too: chosen on each fold's training part.
+    # The untrained candidates, out of fold: the best backbone is chosen on each fold's training part, and both are
+    # scored at an inverse temperature fitted there (it changes none of their answers), so that the comparison with
+    # the trained candidates, whose scale is learnt, is about what they rank rather than how confident they are.
     best_out_of_fold = torch.empty_like(mean_logits)
+    losses = {name: torch.zeros(n, device=labels.device) for name in (MEAN_OF_LOGITS, BEST_BACKBONE)}
     everything = set(range(n))
     for fold in folds:
-        train_best = int(single_correct[sorted(everything - set(fold))].float().mean(0).argmax())
+        train = sorted(everything - set(fold))
+        train_best = int(single_correct[train].float().mean(0).argmax())
         best_out_of_fold[fold] = features.logits[fold, train_best]
+        for name, logits in ((MEAN_OF_LOGITS, mean_logits), (BEST_BACKBONE, features.logits[:, train_best])):
+            scale = _fit_inverse_temperature(logits[train], labels[train])
+            losses[name][fold] = nn.functional.cross_entropy(scale * logits[fold], labels[fold], reduction="none")
     out_of_fold = {
         MEAN_OF_LOGITS: OutOfFold.of(scored, mean_logits[scored]),
         BEST_BACKBONE: OutOfFold.of(scored, best_out_of_fold[scored]),
@@ -249,7 +277,10 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
         steps[name] = paths[name].best_steps(scored)
         path = paths[name]
         out_of_fold[name] = OutOfFold(scored, path.predictions[steps[name]][scored], path.margins[steps[name]][scored])
-        if _beats(out_of_fold[name].predictions == labels[scored], out_of_fold[chosen].predictions == labels[scored]):
+        losses[name] = path.losses[steps[name]]
+    chosen = MEAN_OF_LOGITS
+    for name in (BEST_BACKBONE, STATIC_WEIGHTS, GATE):
+        if _beats(losses[chosen][scored] - losses[name][scored]):
             chosen = name
     correct = {name: torch.zeros(n, dtype=torch.bool, device=labels.device) for name in out_of_fold}
     for name, answers in out_of_fold.items():
@@ -271,6 +302,7 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     gate.eval()
     return GateChoice(
         chosen=chosen,
+        cv_loss={name: float(losses[name][scored].mean()) for name in out_of_fold},
         cv_accuracy={name: float(np.mean(values)) for name, values in fold_accuracy.items()},
         cv_spread={name: float(np.std(values)) for name, values in fold_accuracy.items()},
         num_folds=len(folds),

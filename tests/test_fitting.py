@@ -9,6 +9,7 @@ from clip_ensemble.fitting import (
     MEAN_OF_LOGITS,
     STATIC_WEIGHTS,
     Features,
+    _fit_inverse_temperature,
     cross_validation_folds,
     fit_calibrated_gate,
 )
@@ -82,6 +83,24 @@ def test_choice_reports_cross_validated_accuracy_and_is_deterministic():
     folds = cross_validation_folds(features.labels, 5, seed=1)
     right = answers.predictions == features.labels
     assert choice.cv_accuracy[choice.chosen] == pytest.approx(sum(right[f].float().mean() for f in folds) / 5)
+
+
+def test_the_choice_compares_held_out_cross_entropy():
+    features = _features([0.9, 0.5, 0.5], shots=4)
+    choice = fit_calibrated_gate(EnsembleGate([8, 8, 8]), features, seed=0)
+    assert set(choice.cv_loss) == {GATE, STATIC_WEIGHTS, MEAN_OF_LOGITS, BEST_BACKBONE}
+    assert all(loss > 0 for loss in choice.cv_loss.values())
+    # A candidate replaces a simpler one only with a lower held-out cross-entropy.
+    assert choice.chosen == MEAN_OF_LOGITS or choice.cv_loss[choice.chosen] < choice.cv_loss[MEAN_OF_LOGITS]
+
+
+def test_inverse_temperature_recovers_the_scale_labels_were_drawn_at():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4000, 5, generator=generator)
+    labels = torch.multinomial((2.5 * logits).softmax(-1), 1, generator=generator).squeeze(1)
+    assert _fit_inverse_temperature(logits, labels) == pytest.approx(2.5, rel=0.1)
+    # Logits that are always right are pushed to high confidence, but a bounded one.
+    assert 1 < _fit_inverse_temperature(torch.eye(3).repeat(4, 1), torch.arange(3).repeat(4)) <= torch.e**10
 
 
 # Calibration may lose to plain averaging by at most this much top-1 on held-out data (one k-shot draw): it falls back
