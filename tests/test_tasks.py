@@ -20,6 +20,7 @@ from clip_ensemble.tasks import (
 )
 from clip_ensemble.tasks import digits as digits_module
 from clip_ensemble.tasks.digits import DIGIT_SPECIALISTS
+from clip_ensemble.tasks.synthetic import noise_task
 
 
 def test_digits_split_is_a_partition_of_the_1797_digits():
@@ -117,6 +118,16 @@ def test_synthetic_task_shapes_and_shared_world():
         embeds, labels = getattr(task, f"{split}_embeds"), getattr(task, f"{split}_labels")
         oracle = (task.logits(embeds).argmax(-1) == labels[:, None]).any(1).float().mean()
         assert oracle > 0.8, (split, oracle)
+
+
+def test_noise_task_has_no_routing_signal_and_averaging_wins():
+    task = noise_task(num_classes=30, pool_shots=4, test_per_class=10, seed=0)
+    assert task.logits(task.test_embeds).shape == (300, 9, 30) and task.pool_labels.shape == (120,)
+    logits, labels = task.logits(task.test_embeds), task.test_labels
+    single = (logits.argmax(-1) == labels[:, None]).float().mean(0)  # (9,) every head right, noisy images
+    averaging = (logits.mean(1).argmax(-1) == labels).float().mean()
+    assert single.max() < 0.7 and averaging > single.max() + 0.2
+    assert all(torch.equal(a, b) for a, b in zip(task.heads, noise_task(30, 4, 10, seed=0).heads))
 
 
 def test_synthetic_task_rejects_empty_splits():

@@ -99,6 +99,35 @@ def synthetic_task(
     )
 
 
+def noise_task(num_classes: int = 30, pool_shots: int = 16, test_per_class: int = 10, seed: int = 0) -> FeatureTask:
+    """A synthetic task with no routing signal: every backbone's zero-shot head is right for every class and its
+    errors come from per-image noise alone (stronger for some backbones than for others), independent across
+    backbones. Averaging is close to the best a combination can do, and no per-image gate can learn which backbone
+    to trust: the regime where calibration should keep averaging, or static weights, and do no harm."""
+    generator = torch.Generator().manual_seed(seed)
+    pool_labels = torch.arange(num_classes).repeat_interleave(pool_shots)
+    test_labels = torch.arange(num_classes).repeat_interleave(test_per_class)
+    scatters = (15.0, 20.0, 25.0, 20.0, 15.0, 25.0, 20.0, 30.0, 18.0)  # alone: about 15-55% top-1 on 30 classes
+    pool_embeds, test_embeds, heads = [], [], []
+    for width, scatter in zip(WIDTHS, scatters):
+        prototypes = nn.functional.normalize(torch.randn(num_classes, width, generator=generator), dim=-1)
+        for labels, embeds in ((pool_labels, pool_embeds), (test_labels, test_embeds)):
+            noise = scatter * torch.randn(len(labels), width, generator=generator) / width**0.5
+            embeds.append(nn.functional.normalize(prototypes[labels] + noise, dim=-1))
+        heads.append(prototypes)
+    return FeatureTask(
+        name=f"noise-{num_classes} (seed {seed})",
+        backbone_names=[f"noisy {name}" for name in PAPER_BACKBONES],
+        label_names=[f"class {c}" for c in range(num_classes)],
+        pool_embeds=pool_embeds,
+        pool_labels=pool_labels,
+        test_embeds=test_embeds,
+        test_labels=test_labels,
+        heads=heads,
+        logit_scales=[100.0] * len(WIDTHS),
+    )
+
+
 def feature_task(
     name: str, model: CLIPEnsembleModel, pool: LabelledImages, test: LabelledImages, cache: FeatureCache
 ) -> FeatureTask:
@@ -124,4 +153,12 @@ def feature_task(
     )
 
 
-__all__ = ["PAPER_BACKBONES", "WIDTHS", "FeatureTask", "feature_task", "synthetic_features", "synthetic_task"]
+__all__ = [
+    "PAPER_BACKBONES",
+    "WIDTHS",
+    "FeatureTask",
+    "feature_task",
+    "noise_task",
+    "synthetic_features",
+    "synthetic_task",
+]
