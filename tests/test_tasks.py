@@ -20,7 +20,7 @@ from clip_ensemble.tasks import (
 )
 from clip_ensemble.tasks import digits as digits_module
 from clip_ensemble.tasks.digits import DIGIT_SPECIALISTS
-from clip_ensemble.tasks.synthetic import noise_task
+from clip_ensemble.tasks.synthetic import hard_images_task, noise_task
 
 
 def test_digits_split_is_a_partition_of_the_1797_digits():
@@ -128,6 +128,17 @@ def test_noise_task_has_no_routing_signal_and_averaging_wins():
     averaging = (logits.mean(1).argmax(-1) == labels).float().mean()
     assert single.max() < 0.7 and averaging > single.max() + 0.2
     assert all(torch.equal(a, b) for a, b in zip(task.heads, noise_task(30, 4, 10, seed=0).heads))
+
+
+def test_hard_images_task_has_similar_backbones_that_fail_together():
+    task = hard_images_task(num_classes=20, seed=0)
+    logits, labels = task.logits(task.test_embeds), task.test_labels  # (400, 5, 20)
+    single = (logits.argmax(-1) == labels[:, None]).float().mean(0)
+    averaging = (logits.mean(1).argmax(-1) == labels).float().mean()
+    assert single.min() > 0.7 and single.max() < averaging < single.max() + 0.03  # averaging gains about a point
+    wrong = (logits.argmax(-1) != labels[:, None]).float()
+    # The errors fall on shared images: two backbones are both wrong far more often than independent ones would be.
+    assert (wrong[:, 3] * wrong[:, 4]).mean() > 2 * wrong[:, 3].mean() * wrong[:, 4].mean()
 
 
 def test_synthetic_task_rejects_empty_splits():

@@ -12,7 +12,15 @@ from .digits import (
     digits_dataset,
     train_digits_clip,
 )
-from .synthetic import WIDTHS, FeatureTask, feature_task, noise_task, synthetic_features, synthetic_task
+from .synthetic import (
+    WIDTHS,
+    FeatureTask,
+    feature_task,
+    hard_images_task,
+    noise_task,
+    synthetic_features,
+    synthetic_task,
+)
 from .tiny import save_tiny_clip, save_tiny_open_clip_resnet, tiny_clip, tiny_tokenizer
 
 __all__ = [
@@ -26,6 +34,7 @@ __all__ = [
     "digits_dataset",
     "draw_toy_image",
     "feature_task",
+    "hard_images_task",
     "noise_task",
     "save_tiny_clip",
     "save_tiny_open_clip_resnet",

@@ -128,6 +128,45 @@ def noise_task(num_classes: int = 30, pool_shots: int = 16, test_per_class: int 
     )
 
 
+def hard_images_task(
+    num_classes: int = 20, pool_shots: int = 16, test_per_class: int = 20, seed: int = 0
+) -> FeatureTask:
+    """Five similar backbones whose errors are correlated, as with real CLIPs: each image is pulled toward a confuser
+    class by an amount shared by every backbone, and each backbone adds noise of its own. Averaging then
+    gains only about a point over the best backbone (about 89% against 77-88% alone), and a backbone kept on the
+    evidence of a few calibration images loses to averaging."""
+    generator = torch.Generator().manual_seed(seed)
+    widths, scatters = (256, 256, 384, 512, 512), (4.5, 4.2, 3.9, 3.6, 3.3)
+    pool_labels = torch.arange(num_classes).repeat_interleave(pool_shots)
+    test_labels = torch.arange(num_classes).repeat_interleave(test_per_class)
+    pulls = [  # per image, shared by the backbones: (confuser class, strength)
+        (
+            torch.randint(num_classes, (len(labels),), generator=generator),
+            1.1 * torch.rand(len(labels), generator=generator),
+        )
+        for labels in (pool_labels, test_labels)
+    ]
+    pool_embeds, test_embeds, heads = [], [], []
+    for width, scatter in zip(widths, scatters):
+        prototypes = nn.functional.normalize(torch.randn(num_classes, width, generator=generator), dim=-1)
+        for labels, (confuser, strength), embeds in zip((pool_labels, test_labels), pulls, (pool_embeds, test_embeds)):
+            noise = scatter * torch.randn(len(labels), width, generator=generator) / width**0.5
+            pulled = prototypes[labels] + strength[:, None] * prototypes[confuser]
+            embeds.append(nn.functional.normalize(pulled + noise, dim=-1))
+        heads.append(prototypes)
+    return FeatureTask(
+        name=f"hard-images-{num_classes} (seed {seed})",
+        backbone_names=[f"similar CLIP {b}" for b in range(len(widths))],
+        label_names=[f"class {c}" for c in range(num_classes)],
+        pool_embeds=pool_embeds,
+        pool_labels=pool_labels,
+        test_embeds=test_embeds,
+        test_labels=test_labels,
+        heads=heads,
+        logit_scales=[100.0] * len(widths),
+    )
+
+
 def feature_task(
     name: str, model: CLIPEnsembleModel, pool: LabelledImages, test: LabelledImages, cache: FeatureCache
 ) -> FeatureTask:
@@ -158,6 +197,7 @@ __all__ = [
     "WIDTHS",
     "FeatureTask",
     "feature_task",
+    "hard_images_task",
     "noise_task",
     "synthetic_features",
     "synthetic_task",
