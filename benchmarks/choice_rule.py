@@ -6,8 +6,8 @@ Tasks: colours and digits (tiny trained CLIPs, benchmarks/few_shot_accuracy.py);
 nine widths with 10 and 30 classes (a per-image gate can route: each backbone's head is confused on other classes);
 a noise task (`noise_task`: every head right, independent per-image noise, so no gate can route and averaging is
 close to the best there is); and three draws of a hard-images task (`hard_images_task`: five similar backbones whose
-errors are correlated, averaging about a point above the best one, as with real CLIPs). For k = 1, 2, 4 shots per class and five draws each, both rules fit on the same support
-set and are scored on the task's test set. The top-1 rule is kept here, as it was in `clip_ensemble.fitting` up to
+errors are correlated, averaging about a point above the best one, as with real CLIPs). For k = 1, 2, 4 shots
+per class and five draws each, both rules fit on the same support set and are scored on the task's test set. The top-1 rule is kept here, as it was in `clip_ensemble.fitting` up to
 commit 12b43ca, only for this comparison: averaging against the best backbone on all the shots, then static
 weights and the gate out of fold, each replacing the one kept so far when right more often by more than one
 standard error.
