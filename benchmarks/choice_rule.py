@@ -36,10 +36,9 @@ from clip_ensemble.fitting import (
     STATIC_WEIGHTS,
     Features,
     _cross_validate,
-    _train,
     cross_validation_folds,
     fit_calibrated_gate,
-    set_best_backbone,
+    fit_choice,
 )
 from clip_ensemble.gate import EnsembleGate, combine_logits
 from clip_ensemble.tasks.synthetic import hard_images_task, noise_task, synthetic_task
@@ -75,13 +74,7 @@ def fit_by_top1(gate: EnsembleGate, features: Features, seed: int, num_folds: in
         answers[name] = path.predictions[steps[name]]
         if _right_more_often(answers[name] == labels, answers[chosen] == labels):
             chosen = name
-    if chosen in steps:
-        _train(gate, features, steps[chosen], seed=seed, static=chosen == STATIC_WEIGHTS)
-    elif chosen == BEST_BACKBONE:
-        set_best_backbone(gate, best)
-    else:
-        gate.reset_parameters()
-    gate.eval()
+    fit_choice(gate, features, chosen, steps.get(chosen, 0), best, seed=seed)
     return chosen
 
 

@@ -46,13 +46,13 @@ class CalibrationReport:
 
     def verdict(self) -> str:
         """One sentence: what calibration kept, and the cross-validated evidence for it."""
-        evidence = {
+        scores = {
             name: f"{self.cv_loss[name]:.3f} ({100 * value:.1f}% ± {100 * self.cv_spread[name]:.1f})"
             for name, value in self.cv_accuracy.items()
         }
         evidence = (
-            f"gate {evidence[GATE]}, static weights {evidence[STATIC_WEIGHTS]}, plain averaging "
-            f"{evidence[MEAN_OF_LOGITS]}, best backbone ({self.best_backbone}) {evidence[BEST_BACKBONE]}"
+            f"gate {scores[GATE]}, static weights {scores[STATIC_WEIGHTS]}, plain averaging "
+            f"{scores[MEAN_OF_LOGITS]}, best backbone ({self.best_backbone}) {scores[BEST_BACKBONE]}"
         )
         reason = {
             GATE: "the per-image gate beat every simpler combination",

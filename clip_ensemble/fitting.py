@@ -225,6 +225,20 @@ def _cross_validate(
     return path
 
 
+def fit_choice(
+    gate: EnsembleGate, features: Features, chosen: str, steps: int, best_backbone: int, *, seed: int
+) -> None:
+    """Set `gate` to the `chosen` candidate fitted on all of `features`: trained for `steps` (static weights or the
+    gate), routing every image to `best_backbone`, or plain averaging."""
+    if chosen in (STATIC_WEIGHTS, GATE):
+        _train(gate, features, steps, seed=seed, static=chosen == STATIC_WEIGHTS)
+    elif chosen == BEST_BACKBONE:
+        set_best_backbone(gate, best_backbone)
+    else:
+        gate.reset_parameters()
+    gate.eval()
+
+
 def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0, num_folds: int = 5) -> GateChoice:
     """Fit `gate` in place on `features`, keeping a simpler combination when the gate does not help.
 
@@ -290,16 +304,12 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     settings = {}
     if chosen in paths:
         settings = {"steps": steps[chosen], "lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY, "batch_size": BATCH_SIZE}
-        if single_split:  # trained on three quarters of the examples, kept as scored
-            gate.load_state_dict(paths[chosen].states[steps[chosen]])
-            settings["trained_on"] = f"{n - len(folds[0])} of {n} examples"
-        else:
-            _train(gate, features, steps[chosen], seed=seed, static=chosen == STATIC_WEIGHTS)
-    elif chosen == BEST_BACKBONE:
-        set_best_backbone(gate, best)
+    if chosen in paths and single_split:  # trained on three quarters of the examples, kept as scored
+        gate.load_state_dict(paths[chosen].states[steps[chosen]])
+        gate.eval()
+        settings["trained_on"] = f"{n - len(folds[0])} of {n} examples"
     else:
-        gate.reset_parameters()
-    gate.eval()
+        fit_choice(gate, features, chosen, steps.get(chosen, 0), best, seed=seed)
     return GateChoice(
         chosen=chosen,
         cv_loss={name: float(losses[name][scored].mean()) for name in out_of_fold},
@@ -326,5 +336,6 @@ __all__ = [
     "WEIGHT_DECAY",
     "cross_validation_folds",
     "fit_calibrated_gate",
+    "fit_choice",
     "set_best_backbone",
 ]

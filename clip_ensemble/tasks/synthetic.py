@@ -99,33 +99,63 @@ def synthetic_task(
     )
 
 
+def _prototype_task(
+    name: str,
+    backbone_names: list[str],
+    widths: tuple[int, ...],
+    scatters: tuple[float, ...],
+    num_classes: int,
+    pool_shots: int,
+    test_per_class: int,
+    seed: int,
+    pull: float = 0.0,
+) -> FeatureTask:
+    """Backbones whose zero-shot heads are their class prototypes, right for every class; an image is its class's
+    prototype plus noise of the backbone's own `scatter` and, with `pull` > 0, pulled toward a confuser class by an
+    amount (up to `pull`) that every backbone shares: their errors are then correlated."""
+    generator = torch.Generator().manual_seed(seed)
+    splits = [torch.arange(num_classes).repeat_interleave(n) for n in (pool_shots, test_per_class)]  # pool, test
+    pulls = [  # per image, shared by the backbones: (confuser class, strength)
+        (
+            torch.randint(num_classes, (len(labels),), generator=generator),
+            pull * torch.rand(len(labels), generator=generator),
+        )
+        if pull > 0
+        else None
+        for labels in splits
+    ]
+    embeds, heads = ([], []), []  # (pool, test) embeddings per backbone; heads per backbone
+    for width, scatter in zip(widths, scatters):
+        prototypes = nn.functional.normalize(torch.randn(num_classes, width, generator=generator), dim=-1)
+        for labels, shared, split in zip(splits, pulls, embeds):
+            images = prototypes[labels]
+            if shared is not None:
+                images = images + shared[1][:, None] * prototypes[shared[0]]
+            noise = scatter * torch.randn(len(labels), width, generator=generator) / width**0.5
+            split.append(nn.functional.normalize(images + noise, dim=-1))
+        heads.append(prototypes)
+    return FeatureTask(
+        name=name,
+        backbone_names=backbone_names,
+        label_names=[f"class {c}" for c in range(num_classes)],
+        pool_embeds=embeds[0],
+        pool_labels=splits[0],
+        test_embeds=embeds[1],
+        test_labels=splits[1],
+        heads=heads,
+        logit_scales=[100.0] * len(widths),
+    )
+
+
 def noise_task(num_classes: int = 30, pool_shots: int = 16, test_per_class: int = 10, seed: int = 0) -> FeatureTask:
     """A synthetic task with no routing signal: every backbone's zero-shot head is right for every class and its
     errors come from per-image noise alone (stronger for some backbones than for others), independent across
     backbones. Averaging is close to the best a combination can do, and no per-image gate can learn which backbone
     to trust: the regime where calibration should keep averaging, or static weights, and do no harm."""
-    generator = torch.Generator().manual_seed(seed)
-    pool_labels = torch.arange(num_classes).repeat_interleave(pool_shots)
-    test_labels = torch.arange(num_classes).repeat_interleave(test_per_class)
     scatters = (15.0, 20.0, 25.0, 20.0, 15.0, 25.0, 20.0, 30.0, 18.0)  # alone: about 15-55% top-1 on 30 classes
-    pool_embeds, test_embeds, heads = [], [], []
-    for width, scatter in zip(WIDTHS, scatters):
-        prototypes = nn.functional.normalize(torch.randn(num_classes, width, generator=generator), dim=-1)
-        for labels, embeds in ((pool_labels, pool_embeds), (test_labels, test_embeds)):
-            noise = scatter * torch.randn(len(labels), width, generator=generator) / width**0.5
-            embeds.append(nn.functional.normalize(prototypes[labels] + noise, dim=-1))
-        heads.append(prototypes)
-    return FeatureTask(
-        name=f"noise-{num_classes} (seed {seed})",
-        backbone_names=[f"noisy {name}" for name in PAPER_BACKBONES],
-        label_names=[f"class {c}" for c in range(num_classes)],
-        pool_embeds=pool_embeds,
-        pool_labels=pool_labels,
-        test_embeds=test_embeds,
-        test_labels=test_labels,
-        heads=heads,
-        logit_scales=[100.0] * len(WIDTHS),
-    )
+    names = [f"noisy {name}" for name in PAPER_BACKBONES]
+    name = f"noise-{num_classes} (seed {seed})"
+    return _prototype_task(name, names, WIDTHS, scatters, num_classes, pool_shots, test_per_class, seed)
 
 
 def hard_images_task(
@@ -135,36 +165,10 @@ def hard_images_task(
     class by an amount shared by every backbone, and each backbone adds noise of its own. Averaging then
     gains only about a point over the best backbone (about 89% against 77-88% alone), and a backbone kept on the
     evidence of a few calibration images loses to averaging."""
-    generator = torch.Generator().manual_seed(seed)
     widths, scatters = (256, 256, 384, 512, 512), (4.5, 4.2, 3.9, 3.6, 3.3)
-    pool_labels = torch.arange(num_classes).repeat_interleave(pool_shots)
-    test_labels = torch.arange(num_classes).repeat_interleave(test_per_class)
-    pulls = [  # per image, shared by the backbones: (confuser class, strength)
-        (
-            torch.randint(num_classes, (len(labels),), generator=generator),
-            1.1 * torch.rand(len(labels), generator=generator),
-        )
-        for labels in (pool_labels, test_labels)
-    ]
-    pool_embeds, test_embeds, heads = [], [], []
-    for width, scatter in zip(widths, scatters):
-        prototypes = nn.functional.normalize(torch.randn(num_classes, width, generator=generator), dim=-1)
-        for labels, (confuser, strength), embeds in zip((pool_labels, test_labels), pulls, (pool_embeds, test_embeds)):
-            noise = scatter * torch.randn(len(labels), width, generator=generator) / width**0.5
-            pulled = prototypes[labels] + strength[:, None] * prototypes[confuser]
-            embeds.append(nn.functional.normalize(pulled + noise, dim=-1))
-        heads.append(prototypes)
-    return FeatureTask(
-        name=f"hard-images-{num_classes} (seed {seed})",
-        backbone_names=[f"similar CLIP {b}" for b in range(len(widths))],
-        label_names=[f"class {c}" for c in range(num_classes)],
-        pool_embeds=pool_embeds,
-        pool_labels=pool_labels,
-        test_embeds=test_embeds,
-        test_labels=test_labels,
-        heads=heads,
-        logit_scales=[100.0] * len(widths),
-    )
+    names = [f"similar CLIP {b}" for b in range(len(widths))]
+    name = f"hard-images-{num_classes} (seed {seed})"
+    return _prototype_task(name, names, widths, scatters, num_classes, pool_shots, test_per_class, seed, pull=1.1)
 
 
 def feature_task(
