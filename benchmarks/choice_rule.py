@@ -7,7 +7,7 @@ nine widths with 10 and 30 classes (a per-image gate can route: each backbone's 
 a noise task (`noise_task`: every head right, independent per-image noise, so no gate can route and averaging is
 close to the best there is); and three draws of a hard-images task (`hard_images_task`: five similar backbones whose
 errors are correlated, averaging about a point above the best one, as with real CLIPs). For k = 1, 2, 4 shots
-per class and five draws each, both rules fit on the same support set and are scored on the task's test set. The top-1 rule is kept here, as it was in `clip_ensemble.fitting` up to
+per class and five draws each, both rules fit on the same support set and are scored on the task's test set. The top-1 rule is kept here, as it was in `clip_ensemble.calibration.fitting` up to
 commit 12b43ca, only for this comparison: averaging against the best backbone on all the shots, then static
 weights and the gate out of fold, each replacing the one kept so far when right more often by more than one
 standard error.
@@ -28,7 +28,7 @@ import torch
 from few_shot_accuracy import few_shot_indices, load_tasks
 from tables import save_result
 
-from clip_ensemble.fitting import (
+from clip_ensemble.calibration.fitting import (
     BEST_BACKBONE,
     GATE,
     MEAN_OF_LOGITS,
@@ -40,7 +40,7 @@ from clip_ensemble.fitting import (
     fit_calibrated_gate,
     fit_choice,
 )
-from clip_ensemble.gate import EnsembleGate, combine_logits
+from clip_ensemble.models.gate import EnsembleGate, combine_logits
 from clip_ensemble.tasks.synthetic import hard_images_task, noise_task, synthetic_task
 
 RESULTS = Path(__file__).parent / "results"

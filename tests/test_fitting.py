@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from clip_ensemble.fitting import (
+from clip_ensemble.calibration.fitting import (
     BEST_BACKBONE,
     GATE,
     MEAN_OF_LOGITS,
@@ -13,7 +13,7 @@ from clip_ensemble.fitting import (
     cross_validation_folds,
     fit_calibrated_gate,
 )
-from clip_ensemble.gate import EnsembleGate, combine_logits
+from clip_ensemble.models.gate import EnsembleGate, combine_logits
 
 
 def _features(per_backbone_accuracy: list[float], num_classes: int = 6, shots: int = 4, seed: int = 0) -> Features:
