@@ -89,7 +89,7 @@ class GateKeeping:
                 base64.b64decode(kept["cascade_weights"]) if kept.get("cascade_weights") else None,
                 "this browser",
             )
-            weights, cascade_weights = check_fits(
+            weights, cascade, cascade_weights = check_fits(
                 saved, self.model.config, self._initial_gate, _FIX, "the gate kept in this browser"
             )
         except (ValueError, TypeError) as error:
@@ -100,7 +100,7 @@ class GateKeeping:
             str(kept.get("report") or ""),
             labels=saved.labels,
             source=str(kept.get("source") or ""),
-            cascade=saved.cascade,
+            cascade=cascade,
             cascade_weights=cascade_weights,
         )
         return gate, labels_text, ""
@@ -141,7 +141,7 @@ class GateKeeping:
             raise ValueError(
                 "Upload the downloaded gate zip (or its config.json and gate.safetensors), or give a Hub repo id."
             )
-        weights, cascade_weights = check_fits(saved, self.model.config, self._initial_gate, _FIX)
+        weights, cascade, cascade_weights = check_fits(saved, self.model.config, self._initial_gate, _FIX)
         calibration = saved.calibration
         report = f"Gate {source}" + (f", calibrated on {calibration.get('dataset')}" if calibration else "") + "."
         if calibration:
@@ -152,7 +152,7 @@ class GateKeeping:
             report,
             labels=saved.labels,
             source=source,
-            cascade=saved.cascade,
+            cascade=cascade,
             cascade_weights=cascade_weights,
         )
 

@@ -213,40 +213,74 @@ def short_name(name) -> str:
     return Path(name.removeprefix(LOCAL_DIR_PREFIX)).name if name.startswith(("/", ".", LOCAL_DIR_PREFIX)) else name
 
 
-def check_backbones(saved: list[dict], config: CLIPEnsembleConfig, what: str, fix: str) -> None:
-    """`saved` backbones (config entries) must be `config`'s, in order, by id (and revision where both pin one) and
-    embedding width; `fix` ends each message."""
-    names, loaded = config.backbone_names, config.backbones
-    if len(saved) != len(loaded):
-        raise ValueError(
-            f"{what} is for {len(saved)} backbones ({', '.join(short_name(e.get('name_or_path')) for e in saved)}), "
-            f"but {len(loaded)} are loaded ({', '.join(names)}). {fix}"
-        )
-    for i, (mine, theirs) in enumerate(zip(loaded, saved)):
-        name, width = theirs.get("name_or_path"), theirs.get("embed_dim")
-        if name != mine["name_or_path"]:
-            raise ValueError(
-                f"Backbone {i + 1} of {what} is '{short_name(name)}', but '{names[i]}' is loaded in its place. {fix}"
-            )
-        if theirs.get("revision") and mine["revision"] and theirs["revision"] != mine["revision"]:
-            raise ValueError(
-                f"Backbone {i + 1} ('{names[i]}') of {what} is at revision {theirs['revision']}, but revision "
-                f"{mine['revision']} is loaded. {fix}"
-            )
+def _describe(entry: dict) -> str:
+    name = f"'{short_name(entry.get('name_or_path'))}'"
+    return f"{name} at revision {entry['revision']}" if entry.get("revision") else name
+
+
+def match_backbones(saved: list[dict], config: CLIPEnsembleConfig, what: str, fix: str) -> list[int]:
+    """For each of `config`'s backbones, the index of the same backbone among `saved` (config entries): the same id,
+    the same revision where both pin one, and the same embedding width. The order may differ (a gate calibrated on
+    the same backbones, listed in another order); anything else is refused naming the missing and the extra
+    backbones. `fix` ends each message."""
+    loaded, unused = config.backbones, list(range(len(saved)))
+    order, extra = [], []
+    for mine in loaded:
+        same = [
+            j
+            for j in unused
+            if saved[j].get("name_or_path") == mine["name_or_path"]
+            and not (saved[j].get("revision") and mine["revision"] and saved[j]["revision"] != mine["revision"])
+        ]
+        if not same:
+            extra.append(mine)
+            continue
+        order.append(same[0])
+        unused.remove(same[0])
+        width = saved[same[0]].get("embed_dim")
         if width is not None and width != mine["embed_dim"]:
             raise ValueError(
-                f"Backbone {i + 1} ('{names[i]}') of {what} has {width}-d embeddings, but the loaded one has "
+                f"Backbone {_describe(mine)} of {what} has {width}-d embeddings, but the loaded one has "
                 f"{mine['embed_dim']}-d. {fix}"
             )
+    if extra or unused:
+        problems = []
+        if unused:
+            problems.append(
+                f"it needs {', '.join(_describe(saved[j]) for j in unused)}, which {'is' if len(unused) == 1 else 'are'} not loaded"
+            )
+        if extra:
+            problems.append(
+                f"{', '.join(_describe(e) for e in extra)} {'is' if len(extra) == 1 else 'are'} loaded but not in it"
+            )
+        raise ValueError(
+            f"{what[0].upper()}{what[1:]} was calibrated on {len(saved)} backbones "
+            f"({', '.join(_describe(e) for e in saved)}), but {len(loaded)} are loaded ({', '.join(config.backbone_names)}): "
+            f"{'; '.join(problems)}. {fix}"
+        )
+    return order
+
+
+def reorder_gate(weights: dict[str, torch.Tensor], embed_dims: list[int], order: list[int]) -> dict[str, torch.Tensor]:
+    """An `EnsembleGate`'s weights saved for backbones in one order, for the same backbones in another: loaded
+    backbone i is saved backbone `order[i]`; `embed_dims` are the saved backbones' widths. The hidden layer's input
+    columns move by embedding block, the output layer's rows by backbone."""
+    starts = [0, *torch.tensor(embed_dims).cumsum(0).tolist()]
+    columns = torch.cat([torch.arange(starts[j], starts[j + 1]) for j in order])
+    return {
+        name: tensor[:, columns] if name == "fc1.weight" else tensor[order] if name.startswith("fc2.") else tensor
+        for name, tensor in weights.items()
+    }
 
 
 def check_fits(
     saved: SavedGate, config: CLIPEnsembleConfig, gate: dict[str, torch.Tensor], fix: str, what: str = "the gate"
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+) -> tuple[dict[str, torch.Tensor], dict | None, dict[str, torch.Tensor] | None]:
     """A saved gate checked against an ensemble already loaded (`config`, and its gate's state_dict `gate`): the same
-    backbones, gate settings and prompt templates. Returns the gate's and the cascade's weights (None without one);
-    `what` names the gate in messages, `fix` ends them."""
-    check_backbones(saved.backbones, config, what, fix)
+    backbones (in any order), gate settings and prompt templates. Returns the gate's weights, the cascade's config
+    entry and the cascade's weights (both None without a cascade), in the loaded backbones' order; `what` names the
+    gate in messages, `fix` ends them."""
+    order = match_backbones(saved.backbones, config, what, fix)
     for key in ("combination", "gate_hidden_size", "templates"):
         mine = getattr(config, key)
         if saved.config.get(key, mine) != mine:
@@ -255,7 +289,13 @@ def check_fits(
                 f"{mine!r}, so it would classify differently here. {fix}"
             )
     weights = strict_state(saved.gate_bytes, gate, f"The {GATE_WEIGHTS_NAME} of {saved.source}")
-    return weights, cascade_state(saved, config)
+    cascade = saved.cascade
+    if order != sorted(order):
+        saved_dims = [config.backbones[order.index(j)]["embed_dim"] for j in range(len(order))]
+        weights = reorder_gate(weights, saved_dims, order)
+        if isinstance(cascade, dict) and isinstance(cascade.get("order"), list):  # run order: saved -> loaded indices
+            cascade = {**cascade, "order": [order.index(j) if j in order else j for j in cascade["order"]]}
+    return weights, cascade, cascade_state(saved, config, cascade)
 
 
 __all__ = [
@@ -265,9 +305,10 @@ __all__ = [
     "GATE_WEIGHTS_NAME",
     "SavedGate",
     "cascade_state",
-    "check_backbones",
     "check_fits",
+    "match_backbones",
     "read_saved_gate",
+    "reorder_gate",
     "short_name",
     "strict_state",
     "write_weights",

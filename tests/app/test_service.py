@@ -15,6 +15,7 @@ import pytest
 import torch
 from huggingface_hub import CommitInfo, HfApi, RepoUrl
 from huggingface_hub.errors import HfHubHTTPError
+from PIL import Image
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate
 from clip_ensemble.app import service
@@ -294,15 +295,26 @@ def test_a_gate_for_other_backbones_is_refused_saying_which(ensemble, calibrated
         gate = zipped.read(f"{GATE_FOLDER}/gate.safetensors")
     other = json.loads(json.dumps(config))
     other["backbones"][1]["name_or_path"] = "openai/clip-vit-base-patch32"
-    with pytest.raises(ValueError, match=r"Backbone 2 of the gate is 'openai/clip-vit-base-patch32', but 'toy-clip-1'"):
+    with pytest.raises(
+        ValueError,
+        match=r"calibrated on 3 backbones .*: it needs 'openai/clip-vit-base-patch32', which is not loaded; "
+        r"'toy-clip-1' is loaded but not in it\..*--backbones",
+    ):
         ensemble.load_gate([_zip_with(other, gate, tmp_path / "a.zip")])
     wider = json.loads(json.dumps(config))
     wider["backbones"][0]["embed_dim"] += 8
-    with pytest.raises(ValueError, match=r"\('toy-clip-0'\) of the gate has \d+-d embeddings.*--backbones"):
+    with pytest.raises(ValueError, match=r"'toy-clip-0' of the gate has \d+-d embeddings.*--backbones"):
         ensemble.load_gate([_zip_with(wider, gate, tmp_path / "b.zip")])
     fewer = {**config, "backbones": config["backbones"][:2]}
-    with pytest.raises(ValueError, match="is for 2 backbones .* but 3 are loaded"):
+    with pytest.raises(ValueError, match="calibrated on 2 backbones .* but 3 are loaded .*'toy-clip-2' is loaded but"):
         ensemble.load_gate([_zip_with(fewer, gate, tmp_path / "c.zip")])
+    pinned = json.loads(json.dumps(config))
+    pinned["backbones"][2]["revision"] = "abc123"
+    with (
+        mock.patch.dict(ensemble.model.config.backbones[2], revision="def456"),
+        pytest.raises(ValueError, match="needs 'toy-clip-2' at revision abc123, which is not loaded"),
+    ):
+        ensemble.load_gate([_zip_with(pinned, gate, tmp_path / "f.zip")])
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         ensemble.load_gate([_zip_with(config, b"not weights", tmp_path / "d.zip")])
     (tmp_path / "e.zip").write_bytes(b"PK not a zip")
@@ -312,6 +324,38 @@ def test_a_gate_for_other_backbones_is_refused_saying_which(ensemble, calibrated
         ensemble.load_gate(repo_id="/etc")
     with pytest.raises(ValueError, match="Could not download the gate from the Hub repo 'me/gate'.*upload the"):
         ensemble.load_gate(repo_id="me/gate")  # offline in the tests
+
+
+def test_a_gate_calibrated_on_the_same_backbones_in_another_order_loads_reordered(
+    ensemble, toy_backbone_dirs, probe, tmp_path, monkeypatch
+):
+    # Calibrated on the backbones in reverse order, with a gate that depends on the image and a cascade.
+    model = CLIPEnsembleModel.from_backbones(list(reversed(toy_backbone_dirs)), labels=list(TOY_CLASSES))
+    calibrate(model, toy_dataset(per_class=8, seed=3), shots=8, cache=FeatureCache(None), cascade_tolerance=0.05)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.gate.fc2.weight, std=0.5)  # per-image weights, whatever calibration kept
+    model.save_pretrained(tmp_path / "plain")
+    loaded = ensemble.load_gate([tmp_path / "plain" / "config.json", tmp_path / "plain" / "gate.safetensors"])
+    prediction = ensemble.classify(loaded, LABELS, probe)
+    with torch.no_grad():
+        expected = model(images=[probe])
+    weights = dict(zip(model.config.backbone_names, expected.gate_weights[0].tolist()))  # by name
+    assert prediction.gate_weights == pytest.approx(weights, abs=1e-5)
+    probabilities = expected.logits.softmax(-1)[0]
+    assert prediction.top == pytest.approx(
+        {label: float(probabilities[TOY_CLASSES.index(label)]) for label in prediction.top}, abs=1e-4
+    )
+
+    model.cascade.stop_margins = [0.0, 0.0]  # every image stops after the cheapest backbone
+    model.set_cascade(model.cascade)
+    model.save_pretrained(tmp_path / "cascade")
+    loaded = ensemble.load_gate(sorted((tmp_path / "cascade").glob("*.*")))
+    ran, _ = [], ensemble.model.backbone_gflops  # measured once (a forward per backbone), before recording
+    for backbone in ensemble.model.backbones:
+        monkeypatch.setattr(backbone, "encode_images", _recording(backbone.encode_images, backbone, ran))
+    assert "needed 1 of 3 backbones" in ensemble.classify(loaded, LABELS, probe).note
+    cheapest = model.config.backbone_names[model.cascade.order[0]]  # the same backbone, at another index
+    assert ran == [ensemble.model.backbones[ensemble.names.index(cheapest)]]
 
 
 def test_a_gate_used_with_new_labels_says_so_and_saves_its_own(ensemble, calibrated, probe, tmp_path):
@@ -357,8 +401,14 @@ def test_evaluate_on_a_zip_of_class_folders_with_a_verdict(ensemble, calibrated,
             encoded = io.BytesIO()
             image.save(encoded, format="PNG")
             zipped.writestr(f"photos/{TOY_CLASSES[label]}/{i}.png", encoded.getvalue())
+        zipped.writestr("photos/red/notes.txt", b"not counted")
+        zipped.writestr("__MACOSX/photos/red/._0.png", b"resource fork")
     report = ensemble.evaluate_uploads(calibrated, "", archive=archive)
     assert len(report.labels) == 18 and sorted(report.label_names) == sorted(TOY_CLASSES)
+    assert report.table().startswith(
+        "images of mine.zip (2 other entries skipped: photos/red/notes.txt (not an image type (.bmp, "
+    )
+    assert "__MACOSX/photos/red/._0.png (a hidden or system file)): 18 images, 6 labels" in report.table()
     text = verdict(report)
     assert text.startswith("**Verdict on 18 images:** the gate scores")
     assert "plain averaging" in text and "toy-clip-0" in text and "treat small differences as noise" in text
@@ -371,6 +421,9 @@ def test_evaluate_on_a_zip_of_class_folders_with_a_verdict(ensemble, calibrated,
         zipped.writestr("teal/2.png", b"not a png")
     with pytest.raises(ValueError, match="'red/1.png' in the zip is not an image"):
         ensemble.evaluate_uploads(calibrated, "", archive=tmp_path / "bad.zip")
+    too_large = r"'photos/\w+/0.png' in the zip is too large: 1,600 pixels, over the limit of 200 .*Resize it"
+    with mock.patch.object(Image, "MAX_IMAGE_PIXELS", 100), pytest.raises(ValueError, match=too_large):
+        ensemble.evaluate_uploads(calibrated, "", archive=archive)  # 40 x 40 images: over twice Pillow's limit
 
 
 def test_the_backbone_list_names_backbones_not_server_paths(ensemble, toy_backbone_dirs):
