@@ -56,6 +56,11 @@ def _add_data_arguments(parser: argparse.ArgumentParser, default_split: str) -> 
     parser.add_argument("--split", default=default_split, help=f"dataset split (default: {default_split})")
     parser.add_argument("--image-column", help="image column of a Hub dataset (detected if omitted)")
     parser.add_argument("--label-column", help="label column of a Hub dataset (detected if omitted)")
+    parser.add_argument(
+        "--labels-json",
+        help="an image folder's labels, when its class folders are not named by them: a JSON file mapping folder "
+        'names to labels, e.g. {"tshirt": "T-shirt/top"}',
+    )
     parser.add_argument("--cache-dir", help="feature cache folder (default: $HF_HOME/clip_ensemble/features)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per backbone forward pass")
 
@@ -65,12 +70,28 @@ def _columns(args) -> dict[str, str]:
     return {k: v for k, v in (("image_column", args.image_column), ("label_column", args.label_column)) if v}
 
 
+def _label_map(args) -> dict[str, str] | None:
+    """`--labels-json`: a JSON object of class folder name -> label."""
+    if not args.labels_json:
+        return None
+    try:
+        label_map = json.loads(Path(args.labels_json).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--labels-json '{args.labels_json}' could not be read as JSON ({error}).") from None
+    if not isinstance(label_map, dict) or not all(isinstance(v, str) and v.strip() for v in label_map.values()):
+        raise ValueError(
+            f"--labels-json '{args.labels_json}' must hold one JSON object of folder name -> label, e.g. "
+            '{"tshirt": "T-shirt/top"}.'
+        )
+    return label_map
+
+
 def _load_data(args):
     from .data.labelled import load_labelled_data
     from .sources import OFFLINE_FIX
 
     try:
-        return load_labelled_data(args.dataset, split=args.split, **_columns(args))
+        return load_labelled_data(args.dataset, split=args.split, label_map=_label_map(args), **_columns(args))
     except ConnectionError as error:  # `datasets`: offline and not in the cache, or no answer from the Hub
         raise ValueError(
             f"The dataset '{args.dataset}' is not a local folder and could not be loaded from the Hub ({error}). "

@@ -3,10 +3,12 @@ import os
 import subprocess
 import sys
 
+import datasets
 import pytest
 
 from clip_ensemble import CLIPEnsembleModel
 from clip_ensemble.cli import main
+from clip_ensemble.data.labelled import load_labelled_data
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 
@@ -49,6 +51,29 @@ def test_calibrate_evaluate_predict(toy_backbone_dirs, image_folder, tmp_path, c
     assert main(["predict", str(output), str(image), "--top-k", "2", "--json"]) == 0
     predictions = json.loads(capsys.readouterr().out)[str(image)]
     assert len(predictions) == 2 and predictions[0]["label"] in TOY_CLASSES
+
+
+def test_a_label_map_and_a_save_to_disk_folder(toy_backbone_dirs, image_folder, tmp_path, capsys):
+    label_map = tmp_path / "labels.json"
+    label_map.write_text(json.dumps({"teal": "teal/cyan"}))  # a label that cannot be a folder name
+    output, cache = tmp_path / "gate", ["--cache-dir", str(tmp_path / "cache")]
+    calibrate = ["calibrate", "--backbones", *toy_backbone_dirs, "--dataset", str(image_folder), *cache]
+    assert main([*calibrate, "--shots", "2", "--labels-json", str(label_map), "--output", str(output)]) == 0
+    labels = CLIPEnsembleModel.from_pretrained(output).labels
+    assert "teal/cyan" in labels and "teal" not in labels
+
+    # The same images, as `datasets` saves a prepared split.
+    data = load_labelled_data(image_folder, label_map={"teal": "teal/cyan"})
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=data.label_names)})
+    split = datasets.Dataset.from_dict({"image": data.images, "label": data.labels}, features=features)
+    datasets.DatasetDict({"test": split}).save_to_disk(tmp_path / "prepared")
+    capsys.readouterr()
+    assert main(["evaluate", str(output), "--dataset", str(tmp_path / "prepared"), "--split", "test", *cache]) == 0
+    assert f"prepared (test): {len(split)} images" in capsys.readouterr().out
+
+    label_map.write_text("[1, 2]")
+    assert main([*calibrate, "--labels-json", str(label_map), "--output", str(tmp_path / "other")]) == 2
+    assert "must hold one JSON object of folder name -> label" in capsys.readouterr().err
 
 
 def test_errors_exit_non_zero_with_the_fix(toy_backbone_dirs, image_folder, tmp_path, capsys):
@@ -115,6 +140,7 @@ def test_help_and_argument_errors_import_no_heavy_module():
     code = """
 import sys
 from clip_ensemble.cli import main
+from clip_ensemble.data.labelled import load_labelled_data
 for argv in (["--help"], ["calibrate", "--help"], ["calibrate", "--shots", "x"]):
     try:
         main(argv)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..backbones.base import LOCAL_DIR_PREFIX
 from ..backbones.hub_configs import resolve_backbones
@@ -29,7 +30,7 @@ from ..data.features import FeatureCache
 from ..data.labelled import LabelledImages, from_lists, load_labelled_data, sample_few_shot
 from ..evaluation.evaluate import EvaluationReport, align_labels, evaluate_embeddings
 from ..models.modeling_clip_ensemble import CLIPEnsembleModel
-from ..models.processing_clip_ensemble import ImageInput, load_image
+from ..models.processing_clip_ensemble import ImageInput, load_image, too_large
 from .keeping import GateKeeping
 from .sessions import SessionGate
 from .uploads import (
@@ -304,12 +305,14 @@ class SharedEnsemble(GateKeeping):
         """The session's gate beside every backbone and the baselines on the user's own labelled images: a zip of
         class folders (`archive`, its folder names are the labels) or else one list of files per typed label."""
         if archive:
-            images, targets, names = unzip_class_folders(archive, MAX_EVAL_IMAGES)
+            images, targets, names, skipped = unzip_class_folders(archive, MAX_EVAL_IMAGES)
             pil = []
             for data_bytes, name, label in zip(images, names, targets):
                 try:
                     pil.append(load_image(data_bytes))
-                except ValueError:
+                except ValueError as error:
+                    if isinstance(error.__cause__, Image.DecompressionBombError):
+                        raise ValueError(f"'{label}/{name}' in the zip {too_large(error.__cause__)}") from None
                     raise ValueError(
                         f"'{label}/{name}' in the zip is not an image that can be read; remove it or re-export it."
                     ) from None
@@ -318,6 +321,9 @@ class SharedEnsemble(GateKeeping):
                 raise ValueError(f"The zip holds one label folder ({labels}); evaluation needs two or more.")
             data = from_lists(pil, targets, label_names=labels)
             data.name = f"images of {Path(archive).name}"
+            if skipped:  # said, not hidden: the report's heading names the files that did not count
+                named = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+                data.name += f" ({len(skipped)} other {'entry' if len(skipped) == 1 else 'entries'} skipped: {named})"
         else:
             labels = parse_labels(labels_text, max_labels=MAX_UPLOAD_LABELS)
             data = self._uploaded_data(labels, uploads, "to evaluate on, for")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..models.processing_clip_ensemble import load_image
+from ..models.processing_clip_ensemble import load_image, too_large
 
 MAX_LABELS = 200  # labels typed for classification
 MAX_UPLOAD_LABELS = 10  # labels that get an upload box
@@ -87,8 +87,13 @@ def check_upload(path: str | Path, what: str) -> Image.Image:
     """The uploaded file at `path` decoded as an RGB image, or a ValueError naming the file and `what` it was for."""
     try:
         return load_image(path)
-    except (ValueError, OSError):
+    except (ValueError, OSError) as error:
         # load_image's message holds the server-side path; the user knows the file by its name.
+        if isinstance(error.__cause__, Image.DecompressionBombError):
+            raise ValueError(
+                f"'{Path(path).name}' ({what}) {too_large(error.__cause__)} Nothing was changed: the session keeps "
+                "its gate."
+            ) from None
         raise ValueError(
             f"'{Path(path).name}' ({what}) is not an image that can be read; upload JPEG, PNG or WebP files. "
             "Nothing was changed: the session keeps its gate."
@@ -112,21 +117,29 @@ def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int
     return archive.read(info)
 
 
-def unzip_class_folders(zip_path: str | Path, limit: int) -> tuple[list[bytes], list[str], list[str]]:
+def _skipped_because(info: zipfile.ZipInfo) -> str | None:
+    """Why a zip entry is not read as an image (None: it is read)."""
+    if info.is_dir():
+        return None
+    if any(part.startswith((".", "__MACOSX")) for part in Path(info.filename).parts):
+        return "a hidden or system file"
+    if Path(info.filename).suffix.lower() not in _IMAGE_SUFFIXES:
+        return f"not an image type ({', '.join(sorted(_IMAGE_SUFFIXES))})"
+    return None
+
+
+def unzip_class_folders(zip_path: str | Path, limit: int) -> tuple[list[bytes], list[str], list[str], list[str]]:
     """Images of a zip of class folders (`cat/1.jpg`, or `photos/cat/1.jpg` under one root folder), read in memory:
-    returns the encoded images, their labels and the file names. Nothing is written to disk."""
+    returns the encoded images, their labels, the file names, and the entries skipped, each as 'name (why)'. Nothing
+    is written to disk."""
     try:
         archive = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError):
         raise ValueError(f"'{Path(zip_path).name}' is not a zip file; zip one folder per label.") from None
     with archive:
-        members = [
-            info
-            for info in archive.infolist()
-            if not info.is_dir()
-            and Path(info.filename).suffix.lower() in _IMAGE_SUFFIXES
-            and not any(part.startswith((".", "__MACOSX")) for part in Path(info.filename).parts)
-        ]
+        files = [info for info in archive.infolist() if not info.is_dir()]
+        skipped = [f"{info.filename} ({why})" for info in files if (why := _skipped_because(info))]
+        members = [info for info in files if not _skipped_because(info)]
         parents = {Path(info.filename).parent for info in members}
         roots = {parent.parts[0] for parent in parents if parent.parts}
         depth = 2 if len(roots) == 1 and all(len(parent.parts) == 2 for parent in parents) else 1
@@ -139,7 +152,7 @@ def unzip_class_folders(zip_path: str | Path, limit: int) -> tuple[list[bytes], 
             raise ValueError(f"'{Path(zip_path).name}' holds {len(members)} images; at most {limit} are evaluated.")
         images = [_read_zip_member(archive, info, 20_000_000) for info in members]
     labels = [Path(info.filename).parent.parts[depth - 1] for info in members]
-    return images, labels, [Path(info.filename).name for info in members]
+    return images, labels, [Path(info.filename).name for info in members], skipped
 
 
 __all__ = [

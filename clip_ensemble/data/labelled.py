@@ -74,12 +74,19 @@ def from_lists(
     )
 
 
-def from_image_folder(folder: str | os.PathLike) -> LabelledImages:
-    """`folder/<class name>/<image files>`: one sub-folder per class, named by its label."""
+def from_image_folder(folder: str | os.PathLike, label_map: dict[str, str] | None = None) -> LabelledImages:
+    """`folder/<class name>/<image files>`: one sub-folder per class, named by its label, or by a key of
+    `label_map` (folder name -> label) for labels that are not valid folder names ("T-shirt/top")."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"'{folder}' is not a folder; give a folder with one sub-folder of images per class.")
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = sorted(set(label_map or {}) - set(classes))
+    if unknown:
+        raise ValueError(
+            f"The label map names folders {unknown} that '{folder}' does not have (its class folders: {classes}); "
+            "map each class folder's name to its label."
+        )
     images, labels = [], []
     for label, class_name in enumerate(classes):
         files = sorted(p for p in (folder / class_name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -90,7 +97,15 @@ def from_image_folder(folder: str | os.PathLike) -> LabelledImages:
             f"'{folder}' holds no images in class sub-folders; expected e.g. '{folder}/cat/1.jpg' "
             f"(suffixes {', '.join(IMAGE_SUFFIXES)})."
         )
-    return LabelledImages(images, labels, classes, folder.name)
+    names = [(label_map or {}).get(name, name) for name in classes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"The label map gives two class folders of '{folder}' the same label: {names}.")
+    return LabelledImages(images, labels, names, folder.name)
+
+
+def _saved_by_datasets(folder: Path) -> bool:
+    """Whether `folder` was written by `datasets`' `save_to_disk` (a Dataset or a DatasetDict)."""
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
 def _pick_column(columns: list[str], given: str | None, candidates: tuple[str, ...], what: str) -> str:
@@ -148,12 +163,29 @@ def from_hub_dataset(
     return LabelledImages(dataset[image_column], [int(x) for x in labels], list(label_names), name)
 
 
-def load_labelled_data(source, split: str = "train", **columns) -> LabelledImages:
-    """Dispatch: `LabelledImages` as is, an image folder, a `datasets` dataset, or a Hub dataset id."""
+def load_labelled_data(
+    source, split: str = "train", label_map: dict[str, str] | None = None, **columns
+) -> LabelledImages:
+    """Dispatch: `LabelledImages` as is, a folder written by `datasets`' `save_to_disk`, an image folder (with an
+    optional `label_map`, folder name -> label), a `datasets` dataset, or a Hub dataset id."""
     if isinstance(source, LabelledImages):
         return source
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        return from_image_folder(source)
+    image_folder = (
+        isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and not _saved_by_datasets(Path(source))
+    )
+    if label_map and not image_folder:
+        raise ValueError(
+            "A label map renames an image folder's class folders; a dataset names its labels itself (a ClassLabel "
+            "column, or `label_names`)."
+        )
+    if image_folder:
+        return from_image_folder(source, label_map)
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():  # written by `save_to_disk`
+        import datasets
+
+        data = from_hub_dataset(datasets.load_from_disk(str(source)), split=split, **columns)
+        data.name = Path(source).name
+        return data
     if isinstance(source, os.PathLike):  # a missing folder: said so by `from_hub_dataset`'s check
         source = str(source)
     return from_hub_dataset(source, split=split, **columns)

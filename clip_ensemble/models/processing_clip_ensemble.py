@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import math
 import os
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -11,6 +13,17 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 ImageInput = Image.Image | str | os.PathLike | bytes | np.ndarray
+
+
+def too_large(error: Image.DecompressionBombError) -> str:
+    """Why Pillow refused an image as too large, in words: its pixel count and the limit, and the fix."""
+    pixels = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"{int(pixels.group(1)):,} pixels" if pixels else "more pixels than Pillow reads"
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    return (
+        f"is too large: {size}, over the limit of {limit:,} (about {math.isqrt(limit):,} x {math.isqrt(limit):,}). "
+        "Resize it and try again."
+    )
 
 
 def load_image(image: ImageInput, name: str = "image") -> Image.Image:
@@ -29,7 +42,10 @@ def load_image(image: ImageInput, name: str = "image") -> Image.Image:
                 return opened.convert("RGB")
         except FileNotFoundError as error:
             raise ValueError(f"{name}: no file at '{image}'; check the path.") from error
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as error:
+        except Image.DecompressionBombError as error:
+            where = f"'{image}'" if not isinstance(image, bytes) else f"{len(image)} bytes"
+            raise ValueError(f"{name} ({where}) {too_large(error)}") from error
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
             where = f"'{image}'" if not isinstance(image, bytes) else f"{len(image)} bytes"
             raise ValueError(
                 f"{name} ({where}) could not be decoded as an image: {error}. Pass a JPEG, PNG, WebP or "
@@ -65,4 +81,4 @@ class CLIPEnsembleProcessor:
         return {"pixel_values": [preprocess(pil_images) for preprocess in self.preprocessors]}
 
 
-__all__ = ["CLIPEnsembleProcessor", "ImageInput", "load_image", "load_images"]
+__all__ = ["CLIPEnsembleProcessor", "ImageInput", "load_image", "load_images", "too_large"]

@@ -1,8 +1,11 @@
 """What visitors type: labels and dataset ids, checked before anything runs."""
 
-import pytest
+from unittest import mock
 
-from clip_ensemble.app.uploads import check_dataset_id, parse_labels
+import pytest
+from PIL import Image
+
+from clip_ensemble.app.uploads import check_dataset_id, check_upload, parse_labels
 
 
 def test_labels_are_parsed_and_checked():
@@ -29,3 +32,15 @@ def test_dataset_ids_never_name_server_paths(tmp_path, monkeypatch):
     assert check_dataset_id("tanganke/eurosat", allowed=["tanganke/eurosat"]) == "tanganke/eurosat"
     with pytest.raises(ValueError, match=r"not one of the datasets this app serves: \['tanganke/eurosat'\]"):
         check_dataset_id("someone/else", allowed=["tanganke/eurosat"])
+
+
+def test_an_image_too_large_to_decode_is_called_too_large_with_the_limit(tmp_path):
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (40, 30)).save(path)
+    assert check_upload(path, "the image to classify").size == (40, 30)
+    with mock.patch.object(Image, "MAX_IMAGE_PIXELS", 100), pytest.raises(ValueError) as error:
+        check_upload(path, "the image to classify")  # 1,200 pixels: over twice the limit, as a bomb would be
+    assert str(error.value) == (
+        "'huge.png' (the image to classify) is too large: 1,200 pixels, over the limit of 200 (about 14 x 14). "
+        "Resize it and try again. Nothing was changed: the session keeps its gate."
+    )

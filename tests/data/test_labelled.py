@@ -35,6 +35,32 @@ def test_from_image_folder(tmp_path):
         from_image_folder(tmp_path / "cat")
 
 
+def test_an_image_folder_with_a_label_map_for_labels_that_are_not_folder_names(tmp_path):
+    for name in ("tshirt", "trouser"):
+        (tmp_path / name).mkdir()
+        _image(0).save(tmp_path / name / "0.png")
+    data = load_labelled_data(tmp_path, label_map={"tshirt": "T-shirt/top"})
+    assert data.label_names == ["trouser", "T-shirt/top"] and data.labels == [0, 1]
+    with pytest.raises(ValueError, match=r"names folders \['shirt'\] that .* does not have .*\['trouser', 'tshirt'\]"):
+        load_labelled_data(tmp_path, label_map={"shirt": "Shirt"})
+    with pytest.raises(ValueError, match="gives two class folders .* the same label"):
+        load_labelled_data(tmp_path, label_map={"tshirt": "trouser"})
+
+
+def test_a_folder_written_by_save_to_disk_loads_as_the_dataset(tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    dataset = datasets.Dataset.from_dict({"image": [_image(0), _image(9)], "label": [1, 0]}, features=features)
+    dataset.save_to_disk(tmp_path / "one")
+    data = load_labelled_data(tmp_path / "one")
+    assert (data.name, data.label_names, data.labels) == ("one", ["a", "b"], [1, 0])
+    datasets.DatasetDict({"test": dataset}).save_to_disk(tmp_path / "splits")
+    assert load_labelled_data(tmp_path / "splits", split="test").labels == [1, 0]
+    with pytest.raises(ValueError, match=r"Split 'train' not found; the dataset has the splits \['test'\]"):
+        load_labelled_data(tmp_path / "splits")
+    with pytest.raises(ValueError, match="A label map renames an image folder's class folders"):
+        load_labelled_data(tmp_path / "one", label_map={"a": "A"})
+
+
 def test_from_hub_dataset_detects_columns_and_class_names():
     features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=["a", "b"])})
     dataset = datasets.Dataset.from_dict({"img": [_image(0), _image(1)], "fine_label": [1, 0]}, features=features)
