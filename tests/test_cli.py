@@ -69,7 +69,7 @@ def test_a_label_map_and_a_save_to_disk_folder(toy_backbone_dirs, image_folder, 
     datasets.DatasetDict({"test": split}).save_to_disk(tmp_path / "prepared")
     capsys.readouterr()
     assert main(["evaluate", str(output), "--dataset", str(tmp_path / "prepared"), "--split", "test", *cache]) == 0
-    assert f"prepared (test): {len(split)} images" in capsys.readouterr().out
+    assert f"prepared: {len(split)} images" in capsys.readouterr().out
 
     label_map.write_text("[1, 2]")
     assert main([*calibrate, "--labels-json", str(label_map), "--output", str(tmp_path / "other")]) == 2
@@ -140,7 +140,6 @@ def test_help_and_argument_errors_import_no_heavy_module():
     code = """
 import sys
 from clip_ensemble.cli import main
-from clip_ensemble.data.labelled import load_labelled_data
 for argv in (["--help"], ["calibrate", "--help"], ["calibrate", "--shots", "x"]):
     try:
         main(argv)

@@ -145,7 +145,7 @@ def read_saved_gate(
         for name in weights:
             found[name] = _read(Path(hf_hub_download(str(source), name, **hub_kwargs)), max_weights_bytes)
     else:
-        files = [Path(f) for f in source]
+        files = [Path(f) for f in source if Path(f).name != "README.md"]  # the model card, if picked with the rest
         names = sorted(f.name for f in files)
         if len(set(names)) != len(names) or not {CONFIG_NAME, GATE_WEIGHTS_NAME} <= set(names) <= set(GATE_FILES):
             raise ValueError(
