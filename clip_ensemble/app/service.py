@@ -5,11 +5,13 @@ gate weights, the labels and data it was calibrated on), which the app keeps in 
 idleness ever removes a gate from it) and as a payload in the browser (`SharedEnsemble.to_browser`), so that a page
 reload restores it. The shared model is switched to a session's labels and gate only under a lock, and only for the
 cheap part of a request: the backbone forward passes over images run before, outside the lock, into a feature cache
-that the library call under the lock then reads.
+that the library call under the lock then reads. Calibrations fit on a second model over the same backbones, under
+a lock of their own, so that classifying never waits for another visitor's calibration.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import threading
@@ -68,6 +70,13 @@ class Prediction:
     note: str  # which gate classified, in words
 
 
+def _trim_heads(model: CLIPEnsembleModel) -> None:
+    """Keep the zero-shot heads of the newest `_HEAD_CACHE_SIZE` label sets (one entry per label set ever used)."""
+    heads = model._head_cache
+    while len(heads) > _HEAD_CACHE_SIZE:
+        del heads[next(iter(heads))]
+
+
 def _state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
 
@@ -91,6 +100,11 @@ class SharedEnsemble(GateKeeping):
         self.allowed_datasets = tuple(allowed_datasets)
         self._lock = threading.Lock()
         self._initial_gate = _state_copy(model.gate)  # the averaging initialisation
+        # Calibration's own model: the same backbone modules (no copy of their weights), its own gate, labels and
+        # heads; fitting takes seconds, and holds only this lock.
+        self._fitting_model = CLIPEnsembleModel(copy.deepcopy(model.config), list(model.backbones)).eval()
+        self._fitting_model.gate.to(model.gate.fc1.weight.device)
+        self._fitting_lock = threading.Lock()
         self.names = model.config.backbone_names  # local folders by their last part
 
     @classmethod
@@ -133,9 +147,7 @@ class SharedEnsemble(GateKeeping):
                 cascade.load_state_dict(session.cascade_weights)
                 model.set_cascade(cascade, **session.cascade)
             model.set_labels(labels)
-            heads = model._head_cache  # one entry per label set ever used: keep the newest few
-            while len(heads) > _HEAD_CACHE_SIZE:
-                del heads[next(iter(heads))]
+            _trim_heads(model)
             yield model
 
     def _embed(
@@ -165,9 +177,11 @@ class SharedEnsemble(GateKeeping):
     ) -> SessionGate:
         _, seconds, computed = self._embed(cache, data.images, progress)
         progress(1.0, "Training the gate")
-        with self._session(session, data.label_names) as model:
+        with self._fitting_lock:  # not the shared model's lock: Classify goes on meanwhile
+            model = self._fitting_model
             report = calibrate(model, data, shots=shots, seed=0, cache=cache, progress=False)
             weights, calibration = _state_copy(model.gate), dict(model.config.calibration)
+            _trim_heads(model)
         # The backbones ran before the lock; count that work in the report.
         report.feature_seconds += seconds
         report.images_embedded = computed

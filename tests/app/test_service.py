@@ -98,6 +98,30 @@ def test_sessions_keep_their_own_gates_on_shared_backbones(ensemble, calibrated,
         assert prediction.top == pytest.approx(expected[id(session)].top)
 
 
+def test_classify_does_not_wait_for_another_sessions_calibration(ensemble, calibrated, toy_uploads, probe, monkeypatch):
+    fitting, classified, result = threading.Event(), threading.Event(), {}
+    real_calibrate = service.calibrate
+
+    def slow_calibrate(*args, **kwargs):  # a calibration that goes on until a Classify has come back
+        fitting.set()
+        result["classify came back meanwhile"] = classified.wait(timeout=30)
+        return real_calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(service, "calibrate", slow_calibrate)
+    uploads = [toy_uploads[name] for name in TOY_CLASSES]
+    worker = threading.Thread(
+        target=lambda: result.update(gate=ensemble.calibrate_uploads(SessionGate(), LABELS, uploads))
+    )
+    worker.start()
+    assert fitting.wait(timeout=60)
+    prediction = ensemble.classify(calibrated, LABELS, probe)  # had it waited for the calibration, it would hang here
+    classified.set()
+    worker.join(timeout=120)
+    assert result["classify came back meanwhile"] and prediction.top
+    assert result["gate"].calibrated and result["gate"].weights.keys() == calibrated.weights.keys()
+    assert ensemble.classify(result["gate"], LABELS, probe).top == ensemble.classify(calibrated, LABELS, probe).top
+
+
 def test_a_new_label_set_reuses_the_calibrated_gate(ensemble, calibrated, probe):
     prediction = ensemble.classify(calibrated, "teal, green, a dog", probe, top_k=5)
     assert set(prediction.top) == {"teal", "green", "a dog"} and "calibrated" in prediction.note
