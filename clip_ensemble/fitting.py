@@ -1,11 +1,11 @@
-"""Fitting on cached features: cross-validation folds, the gate's training loop, and the choice between the gate,
-static per-backbone weights, plain averaging and the best backbone that calibration makes from the calibration data
-alone."""
+"""Fitting on cached features: cross-validation folds, full-batch fits of static weights and of the gate, and the
+choice between the gate, static per-backbone weights, plain averaging and the best backbone that calibration makes
+from the calibration data alone."""
 
 from __future__ import annotations
 
-import copy
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -57,30 +57,31 @@ def cross_validation_folds(labels: torch.Tensor | list[int], num_folds: int = 5,
     return [sorted(fold) for fold in folds]
 
 
-def _combined(gate: EnsembleGate, features: Features, static: bool = False) -> torch.Tensor:
-    """(n, C) combined logits; `static` uses the gate's output bias alone: one weight per backbone for every image."""
-    weights = gate.activate(gate.fc2.bias).expand(len(features.labels), -1) if static else gate(features.gate_inputs)
-    return combine_logits(features.logits, weights)
-
-
 MEAN_OF_LOGITS = "mean of logits"
 BEST_BACKBONE = "best backbone"
 STATIC_WEIGHTS = "static weights"
 GATE = "gate"
 
-# The gate's fitting settings. The training length is chosen by cross-validation among STEP_CHOICES (AdamW from the
-# averaging initialisation: fewer steps stay closer to plain averaging); the learning rate, weight decay and batch
-# size are fixed.
-STEP_CHOICES = (10, 25, 50, 100, 200, 400, 800)
-LEARNING_RATE = 1e-3
-WEIGHT_DECAY = 0.01
-BATCH_SIZE = 128
-# From this many calibration examples on, one held-out quarter replaces k-fold cross-validation, and the gate trained
-# on the other three quarters is kept as it is: the estimate is already precise, and paper-scale calibration (16,000
-# examples) stays within seconds.
+# Static weights: softplus(b) per backbone (the gate's output bias, its output weights zero), fitted to convergence
+# by full-batch L-BFGS on cross-entropy + penalty * ||weights - 1/B||^2. The penalty is chosen by cross-validation
+# among these, strongest first; each fit starts from the previous one (inf: equal weights, plain averaging).
+STATIC_PENALTIES = (math.inf, 1.0, 0.1, 0.01, 0.001)
+# The gate: its hidden layer is set to the principal directions of the calibration embeddings (both signs, so that
+# the ReLU passes every projection), and its output layer is fitted by full-batch L-BFGS on cross-entropy +
+# penalty * ||output weights||^2 + the static weights' penalty on its output bias. The penalty is chosen by
+# cross-validation among these, strongest first, from the static weights (inf).
+GATE_PENALTIES = (math.inf, 10.0, 1.0, 0.1, 0.01)
+MAX_ITER = 25  # L-BFGS iterations per fit
+# Training on many classes keeps, per image, the classes that some backbone ranks high (and its label): the others
+# have a negligible probability under any combination. Scoring always uses every class.
+TRAIN_CLASSES = 32
+RESTRICT_CLASSES_FROM = 20_000_000  # elements of the (n, B, C) logits
+# From this many calibration examples on, one held-out quarter replaces k-fold cross-validation: the estimate is
+# already precise, and paper-scale calibration (16,000 examples) stays within seconds.
 SINGLE_SPLIT_FROM = 2000
-# The training path stops when the held-out cross-entropy has risen at this many checkpoints in a row.
-PATIENCE = 2
+PCA_ROWS = 2048
+# A candidate replaces a simpler one when right more often out of fold by this many standard errors (McNemar z).
+MIN_WIN_Z = 1.0  # principal directions are computed on at most this many calibration embeddings
 
 
 class OutOfFold(NamedTuple):
@@ -100,11 +101,11 @@ class OutOfFold(NamedTuple):
 class GateChoice:
     """What `fit_calibrated_gate` chose and why.
 
-    `cv_loss` is each candidate's mean cross-entropy on the held-out examples, which the choice compares;
-    `cv_accuracy` and `cv_spread` are the mean and standard deviation over folds of its top-1 there. Everything is
-    out of fold: the gate, the static weights and the best backbone are chosen and trained without the examples they
-    are scored on (plain averaging has nothing to fit), and the untrained candidates' confidence (an inverse
-    temperature) too.
+    `cv_loss` is each candidate's mean cross-entropy on the held-out examples; `cv_accuracy` and `cv_spread` are
+    the mean and standard deviation over folds of its top-1 there; the choice compares top-1, then cross-entropy.
+    Everything is out of fold: the gate, the static weights (and their penalties) and the best backbone are chosen
+    and fitted without the examples they are scored on (plain averaging has nothing to fit), and the untrained
+    candidates' confidence (an inverse temperature) too.
     """
 
     chosen: str  # GATE, STATIC_WEIGHTS, MEAN_OF_LOGITS or BEST_BACKBONE
@@ -112,7 +113,7 @@ class GateChoice:
     cv_accuracy: dict[str, float]
     cv_spread: dict[str, float]
     num_folds: int  # folds whose held-out part was scored (1: a single held-out quarter)
-    settings: dict = field(default_factory=dict)  # the gate's fitting settings, when the gate was chosen
+    settings: dict = field(default_factory=dict)  # the chosen candidate's fitting settings, when it was fitted
     best_backbone: int = 0  # index of the backbone with the best top-1 on all calibration examples
     # The chosen candidate's answers out of fold, from which the cascade fits its stopping rule.
     out_of_fold: OutOfFold | None = field(default=None, repr=False, compare=False)
@@ -124,37 +125,6 @@ def set_best_backbone(gate: EnsembleGate, backbone: int) -> None:
     with torch.no_grad():
         gate.fc2.bias.fill_(-30.0)  # softplus(-30) ~ 1e-13; a softmax weight of ~e-30
         gate.fc2.bias[backbone] = math.log(math.e - 1) if gate.combination == "softplus" else 0.0
-
-
-def _train(
-    gate: EnsembleGate, train: Features, steps: int, *, seed: int, static: bool = False, on_checkpoint=None
-) -> None:
-    """AdamW on cross-entropy of the combined logits, from the averaging initialisation, for `steps` steps or until
-    `on_checkpoint(step)` (called at each of `STEP_CHOICES`, gate in eval mode) returns True. `static` trains the
-    output bias alone (the hidden layer then has no effect: the output weights stay zero)."""
-    torch.manual_seed(seed)
-    gate.reset_parameters()
-    generator = torch.Generator().manual_seed(seed)
-    parameters = [gate.fc2.bias] if static else list(gate.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    n = len(train.labels)
-    for step in range(1, steps + 1):
-        gate.train()
-        batch = train.subset(torch.randperm(n, generator=generator)[:BATCH_SIZE]) if n > BATCH_SIZE else train
-        loss = nn.functional.cross_entropy(_combined(gate, batch, static), batch.labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        gate.eval()
-        if on_checkpoint is not None and step in STEP_CHOICES and on_checkpoint(step):
-            break
-
-
-def _beats(gain: torch.Tensor) -> bool:
-    """Whether a per-example gain of a challenger over the incumbent (the incumbent's held-out cross-entropy minus
-    the challenger's, on the same examples) is positive by more than one standard error: a guard against choosing
-    the more complex model on noise."""
-    return bool(gain.mean() > gain.std(correction=0) / math.sqrt(len(gain)))
 
 
 def _fit_inverse_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -174,69 +144,131 @@ def _fit_inverse_temperature(logits: torch.Tensor, labels: torch.Tensor) -> floa
     return float(log_t.detach().clamp(-10, 10).exp())
 
 
-@dataclass
-class _Path:
-    """Out-of-fold results of one kind of training at every training length that all folds reached."""
-
-    predictions: dict[int, torch.Tensor]  # steps -> (n,) answers on the held-out examples
-    margins: dict[int, torch.Tensor]  # steps -> (n,) their top-1 minus top-2 combined logits
-    losses: dict[int, torch.Tensor]  # steps -> (n,) held-out cross-entropy
-    states: dict[int, dict]  # steps -> gate state (single split only)
-    reached: list[int]
-
-    def best_steps(self, scored: torch.Tensor) -> int:
-        """The length with the lowest out-of-fold cross-entropy (ties: the shortest)."""
-        return min(self.reached, key=lambda steps: float(self.losses[steps][scored].mean()))
-
-
-def _cross_validate(
-    gate: EnsembleGate, features: Features, folds: list[list[int]], *, seed: int, static: bool, keep_states: bool
-) -> _Path:
-    """Train on each fold's training part, scoring its held-out part at every length in `STEP_CHOICES`; a fold's
-    path stops once its held-out cross-entropy keeps rising, and later folds stop where it did."""
-    n, device = len(features.labels), features.labels.device
-    path = _Path(
-        {s: torch.zeros(n, dtype=torch.long, device=device) for s in STEP_CHOICES},
-        {s: torch.zeros(n, device=device) for s in STEP_CHOICES},
-        {s: torch.zeros(n, device=device) for s in STEP_CHOICES},
-        {},
-        [],
+def _lbfgs(parameters: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor]) -> None:
+    optimizer = torch.optim.LBFGS(
+        parameters, max_iter=MAX_ITER, tolerance_grad=1e-5, tolerance_change=1e-6, line_search_fn="strong_wolfe"
     )
-    last_step = STEP_CHOICES[-1]
-    everything = set(range(n))
-    for fold in folds:
-        train, val = features.subset(sorted(everything - set(fold))), features.subset(fold)
-        fold_losses: list[float] = []
 
-        @torch.no_grad()
-        def checkpoint(step: int, fold=fold, val=val, fold_losses=fold_losses) -> bool:
-            logits = _combined(gate, val, static)
-            path.predictions[step][fold], path.margins[step][fold] = logits.argmax(-1), margins(logits)
-            path.losses[step][fold] = nn.functional.cross_entropy(logits, val.labels, reduction="none")
-            fold_losses.append(float(path.losses[step][fold].mean()))
-            if keep_states:
-                path.states[step] = copy.deepcopy(gate.state_dict())
-            recent = fold_losses[-PATIENCE - 1 :]
-            return len(recent) > PATIENCE and all(a < b for a, b in zip(recent, recent[1:]))
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
 
-        _train(gate, train, last_step, seed=seed, static=static, on_checkpoint=checkpoint)
-        last_step = min(last_step, STEP_CHOICES[len(fold_losses) - 1])
-    path.reached = [s for s in STEP_CHOICES if s <= last_step]
-    return path
+    with torch.enable_grad():
+        optimizer.step(closure)
 
 
-def fit_choice(
-    gate: EnsembleGate, features: Features, chosen: str, steps: int, best_backbone: int, *, seed: int
-) -> None:
-    """Set `gate` to the `chosen` candidate fitted on all of `features`: trained for `steps` (static weights or the
-    gate), routing every image to `best_backbone`, or plain averaging."""
-    if chosen in (STATIC_WEIGHTS, GATE):
-        _train(gate, features, steps, seed=seed, static=chosen == STATIC_WEIGHTS)
-    elif chosen == BEST_BACKBONE:
-        set_best_backbone(gate, best_backbone)
-    else:
-        gate.reset_parameters()
+def _principal_layer(gate_inputs: torch.Tensor, hidden_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A hidden layer (weight (H, D), bias (H,)) whose units are ReLU(+-p_j) for the projections p_j of the centred
+    embeddings on their top H // 2 principal directions (fewer when the embeddings span fewer), scaled so that the
+    first has unit spread; unused units are zero. Label-free: computed once from all calibration embeddings."""
+    x = gate_inputs.float()
+    if len(x) > PCA_ROWS:  # a fixed random subset: the directions of the embeddings, not of these examples
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:PCA_ROWS].to(x.device)]
+    mean = x.mean(0)
+    rank = min(hidden_size // 2, len(x) - 1, x.shape[1])
+    weight = torch.zeros(hidden_size, x.shape[1], device=x.device)
+    if rank > 0:
+        with torch.random.fork_rng(devices=[]):  # svd_lowrank draws a random sketch; keep the caller's RNG as it is
+            torch.manual_seed(seed)
+            _, spread, directions = torch.svd_lowrank(x - mean, q=min(rank + 8, *x.shape), niter=2)
+        spread, directions = spread[:rank], directions[:, :rank]  # (r,), (D, r)
+        keep = spread > 1e-4 * spread[0]  # directions the embeddings actually span
+        scaled = (directions[:, keep] / (spread[0] / math.sqrt(len(x)))).T  # (r', D)
+        weight[: 2 * len(scaled)] = torch.cat([scaled, -scaled])
+    return weight, -weight @ mean
+
+
+def _training_view(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, B, C) logits and (n,) labels to train on: when large, each image's `TRAIN_CLASSES` classes with the best
+    probability under some backbone (its own label among them), as (n, B, K) logits and (n,) positions in them."""
+    if logits.numel() < RESTRICT_CLASSES_FROM or logits.shape[-1] <= TRAIN_CLASSES:
+        return logits, labels
+    best_probability = logits.log_softmax(-1).amax(1)  # (n, C)
+    best_probability[torch.arange(len(labels)), labels] = math.inf  # the label is always kept
+    kept = best_probability.topk(TRAIN_CLASSES, dim=-1).indices  # (n, K), the label first
+    return logits.gather(2, kept[:, None].expand(-1, logits.shape[1], -1)), torch.zeros_like(labels)
+
+
+@dataclass
+class _Fit:
+    """One fitted static-weights or gate combination: output-layer scores = bias + hidden @ weight.T."""
+
+    weight: torch.Tensor | None  # (B, H); None for static weights
+    bias: torch.Tensor  # (B,)
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, H) hidden units -> (n, B) output-layer scores."""
+        if self.weight is None:
+            return self.bias.expand(len(hidden), -1)
+        return torch.addmm(self.bias, hidden, self.weight.T)
+
+
+def _fit_path(
+    gate: EnsembleGate,
+    hidden: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    penalties: Sequence[float],
+    start: _Fit,
+    bias_penalty: float | None = None,
+) -> list[_Fit]:
+    """One fit per penalty, strongest first, each from the previous one (the first from `start`); an infinite
+    penalty keeps `start`. Static weights (`bias_penalty` None): the output bias alone, penalised toward equal
+    weights. The gate: output weights (penalised) and bias (penalised by `bias_penalty` toward equal weights)."""
+    uniform = 1.0 / logits.shape[1]
+    bias = start.bias.clone().requires_grad_(True)
+    weight = None if bias_penalty is None else torch.zeros(logits.shape[1], hidden.shape[1], device=hidden.device)
+    if weight is not None and start.weight is not None:
+        weight = start.weight.clone()
+    if weight is not None:
+        weight.requires_grad_(True)
+    fitted = []
+    gate.train()  # softmax rather than hard routing while fitting
+    for penalty in penalties:
+        if not math.isinf(penalty):
+
+            def loss(penalty: float = penalty) -> torch.Tensor:
+                current = _Fit(weight, bias)
+                weights = gate.activate(current.scores(hidden))  # (n, B)
+                fit = nn.functional.cross_entropy(combine_logits(logits, weights), labels)
+                static = gate.activate(bias) - uniform
+                if weight is None:
+                    return fit + penalty * static.pow(2).sum()
+                return fit + penalty * weight.pow(2).sum() + bias_penalty * static.pow(2).sum()
+
+            _lbfgs([bias] if weight is None else [weight, bias], loss)
+        fitted.append(_Fit(None if weight is None else weight.detach().clone(), bias.detach().clone()))
     gate.eval()
+    return fitted
+
+
+@torch.no_grad()
+def _held_out(gate: EnsembleGate, fit: _Fit, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(n, C) combined logits of a fitted combination, as the deployed gate computes them (eval mode)."""
+    return combine_logits(logits, gate.activate(fit.scores(hidden)))
+
+
+def _pick(correct: torch.Tensor, losses: torch.Tensor) -> int:
+    """Index of the row of (m, n) out-of-fold hits and losses with the most hits; ties: the lowest loss, then the
+    first (the simplest, as grids go from the strongest penalty)."""
+    hits = correct.float().sum(1)
+    tied = torch.nonzero(hits == hits.max()).flatten()
+    return int(tied[losses[tied].mean(1).argmin()])
+
+
+def _beats(correct: torch.Tensor, incumbent_correct: torch.Tensor, loss: torch.Tensor, incumbent_loss: torch.Tensor):
+    """Whether a challenger beats the incumbent on the same held-out examples ((n,) hits and losses each): right more
+    often, by more than `MIN_WIN_Z` standard errors of the count of images they disagree on (a McNemar z), or right
+    exactly as often with a cross-entropy lower by more than one standard error. A guard against choosing the more
+    complex model on noise: one image more out of twenty is not evidence."""
+    wins = int((correct & ~incumbent_correct).sum())
+    losses = int((incumbent_correct & ~correct).sum())
+    if wins != losses:
+        return (wins - losses) / math.sqrt(wins + losses) > MIN_WIN_Z
+    gain = incumbent_loss - loss
+    return bool(gain.mean() > gain.std(correction=0) / math.sqrt(len(gain)))
 
 
 def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0, num_folds: int = 5) -> GateChoice:
@@ -245,97 +277,126 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     The candidates, from the simplest to the richest:
     1. plain logit averaging (the gate's starting point);
     2. the best single backbone (on all the examples);
-    3. static weights: one learned weight per backbone, the same for every image (the gate's output bias alone);
-    4. the gate, whose weights depend on the image.
-    Each is scored by its cross-entropy on held-out examples, out of fold. Static weights and the gate are trained
-    on each fold's training part and scored on its held-out part at every training length in `STEP_CHOICES`, the
-    length with the lowest out-of-fold cross-entropy chosen, then refitted on all examples for that length. The
-    best backbone is chosen on each fold's training part; averaging and the best backbone are scored at an inverse
-    temperature fitted there. Each candidate in turn replaces the one kept so far only when its cross-entropy is
-    lower on the same examples by more than one standard error of the paired difference. Cross-entropy rather than
-    top-1 because a few calibration images give top-1 too few distinct values to tell candidates apart. From
-    `SINGLE_SPLIT_FROM` examples on, one held-out quarter is scored and the model trained on the other three
-    quarters is kept. At 1 shot a held-out example's class is missing from its fold's training part, so the trained
-    candidates' estimates are pessimistic there. The chosen candidate's out-of-fold answers come back in
-    `GateChoice.out_of_fold` (the cascade fits its stopping rule on them).
+    3. static weights: one weight per backbone, the same for every image (the gate's output bias alone);
+    4. the gate, whose weights depend on the image: its hidden layer holds the principal directions of the
+       calibration embeddings (label-free), its output layer is fitted.
+    Static weights and the gate are fitted to convergence (full-batch L-BFGS), each along a path of penalties from
+    the strongest; cross-validation chooses the penalty (the most out-of-fold hits, ties by cross-entropy). The best
+    backbone is chosen on each fold's training part; averaging and the best backbone are scored at an inverse
+    temperature fitted there. Each candidate in turn replaces the one kept so far when it is right more often out of
+    fold by more than one standard error of the paired difference, or as often with a cross-entropy lower by more
+    than one standard error. The chosen candidate is refitted on all the examples. From `SINGLE_SPLIT_FROM`
+    examples on, one held-out quarter is scored instead of k folds. The chosen candidate's out-of-fold answers come
+    back in `GateChoice.out_of_fold` (the cascade fits its stopping rule on them).
     """
     features = Features(*features)
-    labels = features.labels
+    labels, device = features.labels, features.labels.device
     n = len(labels)
     single_split = n >= SINGLE_SPLIT_FROM
     folds = cross_validation_folds(labels, 4 if single_split else num_folds, seed)[: 1 if single_split else None]
-    scored = torch.tensor(sorted(i for fold in folds for i in fold), device=labels.device)
+    scored = torch.tensor(sorted(i for fold in folds for i in fold), device=device)
+    trains = [sorted(set(range(n)) - set(fold)) for fold in folds]
     single_correct = features.logits.argmax(-1) == labels[:, None]  # (n, B)
     best = int(single_correct.float().mean(0).argmax())
     mean_logits = features.logits.mean(1)  # (n, C)
-    # The untrained candidates, out of fold: the best backbone is chosen on each fold's training part, and both are
-    # scored at an inverse temperature fitted there (it changes none of their answers), so that the comparison with
-    # the trained candidates, whose scale is learnt, is about what they rank rather than how confident they are.
-    best_out_of_fold = torch.empty_like(mean_logits)
-    losses = {name: torch.zeros(n, device=labels.device) for name in (MEAN_OF_LOGITS, BEST_BACKBONE)}
-    everything = set(range(n))
-    for fold in folds:
-        train = sorted(everything - set(fold))
+
+    # Out-of-fold (n, C) combined logits per candidate (and per penalty for the fitted ones); rows outside `scored`
+    # stay zero. The untrained candidates' cross-entropy is taken at an inverse temperature fitted on the training
+    # part (it changes none of their answers), so that it compares with the fitted candidates' learnt scale.
+    held_out = {name: torch.zeros_like(mean_logits) for name in (MEAN_OF_LOGITS, BEST_BACKBONE)}
+    losses = {name: torch.zeros(n, device=device) for name in held_out}
+    for fold, train in zip(folds, trains):
         train_best = int(single_correct[train].float().mean(0).argmax())
-        best_out_of_fold[fold] = features.logits[fold, train_best]
         for name, logits in ((MEAN_OF_LOGITS, mean_logits), (BEST_BACKBONE, features.logits[:, train_best])):
+            held_out[name][fold] = logits[fold]
             scale = _fit_inverse_temperature(logits[train], labels[train])
             losses[name][fold] = nn.functional.cross_entropy(scale * logits[fold], labels[fold], reduction="none")
-    out_of_fold = {
-        MEAN_OF_LOGITS: OutOfFold.of(scored, mean_logits[scored]),
-        BEST_BACKBONE: OutOfFold.of(scored, best_out_of_fold[scored]),
-    }
-    paths, steps = {}, {}
-    for name, static in ((STATIC_WEIGHTS, True), (GATE, False)):
-        paths[name] = _cross_validate(gate, features, folds, seed=seed, static=static, keep_states=single_split)
-        steps[name] = paths[name].best_steps(scored)
-        path = paths[name]
-        out_of_fold[name] = OutOfFold(scored, path.predictions[steps[name]][scored], path.margins[steps[name]][scored])
-        losses[name] = path.losses[steps[name]]
+
+    with torch.no_grad():
+        fc1_weight, fc1_bias = _principal_layer(features.gate_inputs, gate.fc1.out_features, seed)
+        hidden = torch.relu(torch.addmm(fc1_bias, features.gate_inputs.float(), fc1_weight.T))  # (n, H)
+    gate.reset_parameters()
+    equal = _Fit(None, gate.fc2.bias.detach().clone())
+
+    def cross_validate(penalties: Sequence[float], starts: list[_Fit], bias_penalty: float | None = None):
+        """(P, n, C) out-of-fold logits per penalty, and each fold's path (one fit per penalty)."""
+        out, paths = torch.zeros(len(penalties), *mean_logits.shape, device=device), []
+        for fold, train, start in zip(folds, trains, starts):
+            logits, train_labels = _training_view(features.logits[train], labels[train])
+            paths.append(_fit_path(gate, hidden[train], logits, train_labels, penalties, start, bias_penalty))
+            for p, fit in enumerate(paths[-1]):
+                out[p, fold] = _held_out(gate, fit, hidden[fold], features.logits[fold])
+        return out, paths
+
+    def choose(out: torch.Tensor) -> int:
+        correct = out[:, scored].argmax(-1) == labels[scored]
+        loss = torch.stack([nn.functional.cross_entropy(o[scored], labels[scored], reduction="none") for o in out])
+        return _pick(correct, loss)
+
+    static_out, static_paths = cross_validate(STATIC_PENALTIES, [equal] * len(folds))
+    static_index = choose(static_out)
+    static_penalty = STATIC_PENALTIES[static_index]
+    bias_penalty = min(static_penalty, 100.0)  # the gate's bias is held to equal weights as strongly (inf: firmly)
+    # Each fold's gate path starts from that fold's static weights at the chosen penalty.
+    gate_out, _ = cross_validate(GATE_PENALTIES, [path[static_index] for path in static_paths], bias_penalty)
+    gate_index = choose(gate_out)
+    held_out[STATIC_WEIGHTS], held_out[GATE] = static_out[static_index], gate_out[gate_index]
+
+    correct = {name: logits.argmax(-1) == labels for name, logits in held_out.items()}
+    for name in (STATIC_WEIGHTS, GATE):
+        losses[name] = nn.functional.cross_entropy(held_out[name], labels, reduction="none")
     chosen = MEAN_OF_LOGITS
     for name in (BEST_BACKBONE, STATIC_WEIGHTS, GATE):
-        if _beats(losses[chosen][scored] - losses[name][scored]):
+        if _beats(correct[name][scored], correct[chosen][scored], losses[name][scored], losses[chosen][scored]):
             chosen = name
-    correct = {name: torch.zeros(n, dtype=torch.bool, device=labels.device) for name in out_of_fold}
-    for name, answers in out_of_fold.items():
-        correct[name][scored] = answers.predictions == labels[scored]
-    fold_accuracy = {name: [float(hits[fold].float().mean()) for fold in folds] for name, hits in correct.items()}
 
-    settings = {}
-    if chosen in paths:
-        settings = {"steps": steps[chosen], "lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY, "batch_size": BATCH_SIZE}
-    if chosen in paths and single_split:  # trained on three quarters of the examples, kept as scored
-        gate.load_state_dict(paths[chosen].states[steps[chosen]])
-        gate.eval()
-        settings["trained_on"] = f"{n - len(folds[0])} of {n} examples"
-    else:
-        fit_choice(gate, features, chosen, steps.get(chosen, 0), best, seed=seed)
+    settings: dict = {}
+    with torch.random.fork_rng(devices=[]):  # the unused hidden layer too is the same for a seed
+        torch.manual_seed(seed)
+        gate.reset_parameters()
+    if chosen in (STATIC_WEIGHTS, GATE):
+        logits, train_labels = _training_view(features.logits, labels)
+        fit = _fit_path(gate, hidden, logits, train_labels, STATIC_PENALTIES[: static_index + 1], equal)[-1]
+        settings = {"optimizer": "L-BFGS", "penalty": static_penalty}
+        if chosen == GATE:
+            fit = _fit_path(gate, hidden, logits, train_labels, GATE_PENALTIES[: gate_index + 1], fit, bias_penalty)[-1]
+            settings |= {
+                "gate_penalty": GATE_PENALTIES[gate_index],
+                "principal_directions": int(fc1_weight.any(1).sum()) // 2,
+            }
+            with torch.no_grad():
+                gate.fc1.weight.copy_(fc1_weight)
+                gate.fc1.bias.copy_(fc1_bias)
+                gate.fc2.weight.copy_(fit.weight)
+        with torch.no_grad():
+            gate.fc2.bias.copy_(fit.bias)
+    elif chosen == BEST_BACKBONE:
+        set_best_backbone(gate, best)
+    gate.eval()
+    fold_accuracy = {name: [float(hits[fold].float().mean()) for fold in folds] for name, hits in correct.items()}
     return GateChoice(
         chosen=chosen,
-        cv_loss={name: float(losses[name][scored].mean()) for name in out_of_fold},
+        cv_loss={name: float(loss[scored].mean()) for name, loss in losses.items()},
         cv_accuracy={name: float(np.mean(values)) for name, values in fold_accuracy.items()},
         cv_spread={name: float(np.std(values)) for name, values in fold_accuracy.items()},
         num_folds=len(folds),
         settings=settings,
         best_backbone=best,
-        out_of_fold=out_of_fold[chosen],
+        out_of_fold=OutOfFold.of(scored, held_out[chosen][scored]),
     )
 
 
 __all__ = [
     "BEST_BACKBONE",
     "Features",
-    "BATCH_SIZE",
     "GATE",
+    "GATE_PENALTIES",
     "GateChoice",
-    "LEARNING_RATE",
     "MEAN_OF_LOGITS",
     "OutOfFold",
+    "STATIC_PENALTIES",
     "STATIC_WEIGHTS",
-    "STEP_CHOICES",
-    "WEIGHT_DECAY",
     "cross_validation_folds",
     "fit_calibrated_gate",
-    "fit_choice",
     "set_best_backbone",
 ]
