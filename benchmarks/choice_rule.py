@@ -1,16 +1,14 @@
-"""How calibration chooses, measured: the choice by held-out cross-entropy (now) against the choice by held-out
-top-1 it replaced, on the same k-shot draws of more offline tasks than the few-shot benchmark, at the few shots
+"""How calibration chooses, measured: the choice by held-out top-1 (now: a McNemar z above
+`clip_ensemble.fitting.MIN_WIN_Z`, cross-entropy breaking exact ties) against the choice by held-out cross-entropy
+with a one-standard-error guard (before), on the same k-shot draws and the same fitted candidates, at the few shots
 where the two differ most.
 
 Tasks: colours and digits (tiny trained CLIPs, benchmarks/few_shot_accuracy.py); synthetic features at the paper's
-nine widths with 10 and 30 classes (a per-image gate can route: each backbone's head is confused on other classes);
-a noise task (`noise_task`: every head right, independent per-image noise, so no gate can route and averaging is
-close to the best there is); and three draws of a hard-images task (`hard_images_task`: five similar backbones whose
-errors are correlated, averaging about a point above the best one, as with real CLIPs). For k = 1, 2, 4 shots
-per class and five draws each, both rules fit on the same support set and are scored on the task's test set. The top-1 rule is kept here, as it was in `clip_ensemble.fitting` up to
-commit 12b43ca, only for this comparison: averaging against the best backbone on all the shots, then static
-weights and the gate out of fold, each replacing the one kept so far when right more often by more than one
-standard error.
+nine widths with 10 and 30 classes (a per-image gate can route); a noise task (`noise_task`: no routing signal,
+averaging close to the best there is); three draws of a hard-images task (`hard_images_task`: averaging about a
+point above the best backbone); and the dominant-backbone task (`dominant_backbone_task`: one backbone about 2
+points above averaging). For k = 1, 2, 4 shots per class and five draws each, both rules fit on the same support
+set and are scored on the task's test set.
 
     python benchmarks/choice_rule.py [--save]
 """
@@ -28,54 +26,30 @@ import torch
 from few_shot_accuracy import few_shot_indices, load_tasks
 from tables import save_result
 
-from clip_ensemble.fitting import (
-    BEST_BACKBONE,
-    GATE,
-    MEAN_OF_LOGITS,
-    SINGLE_SPLIT_FROM,
-    STATIC_WEIGHTS,
-    Features,
-    _cross_validate,
-    cross_validation_folds,
-    fit_calibrated_gate,
-    fit_choice,
-)
+import clip_ensemble.fitting as fitting
+from clip_ensemble.fitting import BEST_BACKBONE, GATE, MEAN_OF_LOGITS, STATIC_WEIGHTS, Features, fit_calibrated_gate
 from clip_ensemble.gate import EnsembleGate, combine_logits
-from clip_ensemble.tasks.synthetic import hard_images_task, noise_task, synthetic_task
+from clip_ensemble.tasks.synthetic import dominant_backbone_task, hard_images_task, noise_task, synthetic_task
 
 RESULTS = Path(__file__).parent / "results"
 SHORT = {MEAN_OF_LOGITS: "m", BEST_BACKBONE: "b", STATIC_WEIGHTS: "s", GATE: "g"}
 
 
-def _right_more_often(challenger: torch.Tensor, incumbent: torch.Tensor) -> bool:
-    difference = challenger.float() - incumbent.float()
-    return bool(difference.mean() > difference.std(correction=0) / math.sqrt(len(difference)))
+def _beats_by_cross_entropy(correct, incumbent_correct, loss, incumbent_loss) -> bool:
+    """The previous rule: a held-out cross-entropy lower by more than one standard error of the paired difference."""
+    gain = incumbent_loss - loss
+    return bool(gain.mean() > gain.std(correction=0) / math.sqrt(len(gain)))
 
 
-def fit_by_top1(gate: EnsembleGate, features: Features, seed: int, num_folds: int = 5) -> str:
-    """The previous choice by held-out top-1 (see the module docstring); fits `gate` in place, returns the choice."""
-    labels, n = features.labels, len(features.labels)
-    if n >= SINGLE_SPLIT_FROM:
-        raise ValueError(f"The top-1 rule is kept here for k-fold cross-validation only (n < {SINGLE_SPLIT_FROM}).")
-    folds = cross_validation_folds(labels, num_folds, seed)
-    single_correct = features.logits.argmax(-1) == labels[:, None]  # (n, B)
-    best = int(single_correct.float().mean(0).argmax())
-    mean_answers = features.logits.mean(1).argmax(-1)
-    chosen = BEST_BACKBONE if _right_more_often(single_correct[:, best], mean_answers == labels) else MEAN_OF_LOGITS
-    best_out_of_fold = torch.empty_like(labels)
-    for fold in folds:
-        train = sorted(set(range(n)) - set(fold))
-        best_out_of_fold[fold] = features.logits[fold, int(single_correct[train].float().mean(0).argmax())].argmax(-1)
-    answers = {MEAN_OF_LOGITS: mean_answers, BEST_BACKBONE: best_out_of_fold}
-    everything, steps = torch.arange(n), {}
-    for name, static in ((STATIC_WEIGHTS, True), (GATE, False)):
-        path = _cross_validate(gate, features, folds, seed=seed, static=static, keep_states=False)
-        steps[name] = path.best_steps(everything)
-        answers[name] = path.predictions[steps[name]]
-        if _right_more_often(answers[name] == labels, answers[chosen] == labels):
-            chosen = name
-    fit_choice(gate, features, chosen, steps.get(chosen, 0), best, seed=seed)
-    return chosen
+def fit_with_rule(gate: EnsembleGate, features: Features, seed: int, rule: str) -> str:
+    """`fit_calibrated_gate` with the candidates compared by `rule` ("top-1" or "cross-entropy"); the choice."""
+    if rule == "top-1":
+        return fit_calibrated_gate(gate, features, seed=seed).chosen
+    kept, fitting._beats = fitting._beats, _beats_by_cross_entropy
+    try:
+        return fit_calibrated_gate(gate, features, seed=seed).chosen
+    finally:
+        fitting._beats = kept
 
 
 def main() -> None:
@@ -93,6 +67,7 @@ def main() -> None:
         synthetic_task(num_classes=30, pool_shots=16, test_per_class=10, seed=1),
         noise_task(num_classes=30, seed=0),
         *(hard_images_task(num_classes=20, seed=seed) for seed in range(3)),
+        dominant_backbone_task(num_classes=20, seed=0),
     ]
     started, rows, gains = time.perf_counter(), [], {k: {"top-1": [], "cross-entropy": []} for k in args.shots}
     for task in tasks:
@@ -100,16 +75,13 @@ def main() -> None:
         test = Features(torch.cat(task.test_embeds, -1), task.logits(task.test_embeds), task.test_labels)
         averaging = float((test.logits.mean(1).argmax(-1) == test.labels).float().mean())
         for k in args.shots:
-            top1 = {"top-1": [], "cross-entropy": []}
-            kept = {"top-1": "", "cross-entropy": ""}
+            top1 = {"cross-entropy": [], "top-1": []}
+            kept = {"cross-entropy": "", "top-1": ""}
             for seed in range(args.seeds):
                 support = pool.subset(few_shot_indices(pool.labels, k, seed))
                 for rule in top1:
                     gate = EnsembleGate([e.shape[1] for e in task.pool_embeds])
-                    if rule == "top-1":
-                        chosen = fit_by_top1(gate, support, seed)
-                    else:
-                        chosen = fit_calibrated_gate(gate, support, seed=seed).chosen
+                    chosen = fit_with_rule(gate, support, seed, rule)
                     with torch.no_grad():
                         logits = combine_logits(test.logits, gate(test.gate_inputs))
                     top1[rule].append(float((logits.argmax(-1) == test.labels).float().mean()))
@@ -127,7 +99,7 @@ def main() -> None:
     ]
     table = "\n".join(
         [
-            "| task | k | mean of logits | choice by top-1 (before) | choice by cross-entropy (now) |",
+            "| task | k | mean of logits | choice by cross-entropy (before) | choice by top-1 (now) |",
             "|---|---:|---:|---:|---:|",
             *rows,
             *summary,
@@ -139,7 +111,7 @@ def main() -> None:
     )
     save_result(
         RESULTS / "choice_rule.md" if args.save else None,
-        "How calibration chooses: held-out cross-entropy against held-out top-1",
+        "How calibration chooses: held-out top-1 against held-out cross-entropy",
         "python benchmarks/choice_rule.py --save",
         setup,
         table,
