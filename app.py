@@ -32,18 +32,17 @@ from gradio import processing_utils
 from gradio.exceptions import InvalidPathError
 from gradio_client import utils as client_utils
 
-from clip_ensemble.app_logic import (
+from clip_ensemble.app.service import SharedEnsemble
+from clip_ensemble.app.sessions import GateStore, SessionGate
+from clip_ensemble.app.uploads import (
     MAX_HUB_IMAGES,
     MAX_IMAGES_PER_LABEL,
     MAX_SHOTS,
     MAX_UPLOAD_LABELS,
-    GateStore,
-    SessionGate,
-    SharedEnsemble,
     parse_labels,
     split_labels,
-    verdict,
 )
+from clip_ensemble.app.wording import verdict
 
 DEFAULT_BACKBONES = ["small-cpu"]
 DEFAULT_LABELS = "cat, dog, bird, car, flower"

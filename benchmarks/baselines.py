@@ -24,8 +24,15 @@ from gate_training import WIDTHS, synthetic_features
 from tables import save_result
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate, evaluate
-from clip_ensemble.baselines import LINEAR_PROBE, STACKING, TIP_ADAPTER, fit_linear_probe, fit_stacking, fit_tip_adapter
-from clip_ensemble.fitting import Features
+from clip_ensemble.calibration.baselines import (
+    LINEAR_PROBE,
+    STACKING,
+    TIP_ADAPTER,
+    fit_linear_probe,
+    fit_stacking,
+    fit_tip_adapter,
+)
+from clip_ensemble.calibration.fitting import Features
 from clip_ensemble.tasks import TOY_CLASSES, toy_backbones, toy_dataset
 
 BASELINES = [STACKING, LINEAR_PROBE, TIP_ADAPTER]

@@ -19,7 +19,7 @@ import torch
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate
-from clip_ensemble.backbones import TransformersBackbone
+from clip_ensemble.backbones.transformers_backbone import TransformersBackbone
 from clip_ensemble.tasks import TOY_CLASSES, tiny_tokenizer, toy_dataset
 
 ARCHITECTURES = {"ViT-B/32 (random weights)": 32, "ViT-B/16 (random weights)": 16}

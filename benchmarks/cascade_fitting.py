@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from tables import save_result
 
-from clip_ensemble.cascade import fit_cascade, run_on_features
-from clip_ensemble.fitting import Features, fit_calibrated_gate
-from clip_ensemble.gate import EnsembleGate, combine_logits
-from clip_ensemble.hub_configs import load_hub_config
+from clip_ensemble.backbones.hub_configs import load_hub_config
+from clip_ensemble.calibration.cascade_fitting import fit_cascade, run_on_features
+from clip_ensemble.calibration.fitting import Features, fit_calibrated_gate
+from clip_ensemble.models.gate import EnsembleGate, combine_logits
 from clip_ensemble.tasks.synthetic import WIDTHS, synthetic_task
 
 

@@ -22,7 +22,7 @@ from realistic_clips import vit_clip
 from tables import save_result
 
 from clip_ensemble import CLIPEnsembleModel, TransformersBackbone
-from clip_ensemble.cost import Cascade, cost_order, margins
+from clip_ensemble.models.cascade import Cascade, cost_order, margins
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 

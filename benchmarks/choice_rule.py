@@ -1,5 +1,5 @@
 """How calibration chooses, measured: the choice by held-out top-1 (now: a McNemar z above
-`clip_ensemble.fitting.MIN_WIN_Z`, cross-entropy breaking exact ties) against the choice by held-out cross-entropy
+`clip_ensemble.calibration.fitting.MIN_WIN_Z`, cross-entropy breaking exact ties) against the choice by held-out cross-entropy
 with a one-standard-error guard (before), on the same k-shot draws and the same fitted candidates, at the few shots
 where the two differ most.
 
@@ -26,9 +26,16 @@ import torch
 from few_shot_accuracy import few_shot_indices, load_tasks
 from tables import save_result
 
-import clip_ensemble.fitting as fitting
-from clip_ensemble.fitting import BEST_BACKBONE, GATE, MEAN_OF_LOGITS, STATIC_WEIGHTS, Features, fit_calibrated_gate
-from clip_ensemble.gate import EnsembleGate, combine_logits
+import clip_ensemble.calibration.fitting as fitting
+from clip_ensemble.calibration.fitting import (
+    BEST_BACKBONE,
+    GATE,
+    MEAN_OF_LOGITS,
+    STATIC_WEIGHTS,
+    Features,
+    fit_calibrated_gate,
+)
+from clip_ensemble.models.gate import EnsembleGate, combine_logits
 from clip_ensemble.tasks.synthetic import dominant_backbone_task, hard_images_task, noise_task, synthetic_task
 
 RESULTS = Path(__file__).parent / "results"

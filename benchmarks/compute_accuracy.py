@@ -28,12 +28,12 @@ from few_shot_accuracy import few_shot_indices
 from tables import save_result
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache
-from clip_ensemble.cascade import CHART_TOLERANCES, fit_cascade, run_on_features
-from clip_ensemble.cost import cost_order
-from clip_ensemble.fitting import Features, fit_calibrated_gate
-from clip_ensemble.gate import EnsembleGate, combine_logits
-from clip_ensemble.hub_configs import load_hub_config
-from clip_ensemble.selection import weigh_subsets
+from clip_ensemble.backbones.hub_configs import load_hub_config
+from clip_ensemble.calibration.cascade_fitting import CHART_TOLERANCES, fit_cascade, run_on_features
+from clip_ensemble.calibration.fitting import Features, fit_calibrated_gate
+from clip_ensemble.calibration.selection import weigh_subsets
+from clip_ensemble.models.cascade import cost_order
+from clip_ensemble.models.gate import EnsembleGate, combine_logits
 from clip_ensemble.tasks import TOY_CLASSES, toy_backbones, toy_dataset
 from clip_ensemble.tasks.digits import DIGIT_CLASSES, digits_backbones, digits_dataset
 from clip_ensemble.tasks.synthetic import FeatureTask, feature_task, synthetic_task
@@ -213,7 +213,7 @@ def main() -> None:
     save_result(RESULTS / "compute_accuracy.md" if args.save else None, "Accuracy against compute",
                 "python benchmarks/compute_accuracy.py", setup, table)  # fmt: skip
     if args.save:
-        from clip_ensemble.report import compute_accuracy_chart
+        from clip_ensemble.evaluation.report import compute_accuracy_chart
 
         for name, points in charts:
             compute_accuracy_chart(points, RESULTS / f"compute_accuracy_{name}.png",

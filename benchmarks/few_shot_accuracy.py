@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache
-from clip_ensemble.baselines import LINEAR_PROBE, STACKING, TIP_ADAPTER, fit_baselines
-from clip_ensemble.fitting import Features, fit_calibrated_gate
-from clip_ensemble.gate import EnsembleGate, combine_logits
+from clip_ensemble.calibration.baselines import LINEAR_PROBE, STACKING, TIP_ADAPTER, fit_baselines
+from clip_ensemble.calibration.fitting import Features, fit_calibrated_gate
+from clip_ensemble.models.gate import EnsembleGate, combine_logits
 from clip_ensemble.tasks import TOY_CLASSES, toy_backbones, toy_dataset
 from clip_ensemble.tasks.digits import DIGIT_CLASSES, digits_backbones, digits_dataset
 from clip_ensemble.tasks.synthetic import (

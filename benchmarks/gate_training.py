@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from clip_ensemble.fitting import Features, fit_calibrated_gate
-from clip_ensemble.gate import EnsembleGate, combine_logits
+from clip_ensemble.calibration.fitting import Features, fit_calibrated_gate
+from clip_ensemble.models.gate import EnsembleGate, combine_logits
 from clip_ensemble.tasks.synthetic import WIDTHS, synthetic_task
 
 

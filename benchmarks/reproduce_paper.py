@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate, evaluate_embeddings
-from clip_ensemble.backbones import load_backbone
-from clip_ensemble.data import from_hub_dataset
-from clip_ensemble.evaluation import ORACLE, align_labels
-from clip_ensemble.hub_configs import backbone_entries, load_hub_config
+from clip_ensemble.backbones.hub_configs import backbone_entries, load_hub_config
+from clip_ensemble.backbones.loading import load_backbone
+from clip_ensemble.data.labelled import from_hub_dataset
+from clip_ensemble.evaluation.evaluate import ORACLE, align_labels
 
 SHOTS = (1, 2, 4, 8, 16)
 COLUMNS = ("best single", "mean of logits", "gate", "oracle")  # top-1 accuracies in the table

@@ -66,7 +66,7 @@ def _columns(args) -> dict[str, str]:
 
 
 def _load_data(args):
-    from .data import load_labelled_data
+    from .data.labelled import load_labelled_data
     from .sources import OFFLINE_FIX
 
     try:
@@ -96,7 +96,7 @@ def _check_model(name: str) -> None:
 
 def _resolve_backbones(values: list[str]) -> list:
     """Set names, folders and repo ids checked (`hub_configs.resolve_backbones`), then the Hub reached once."""
-    from .hub_configs import resolve_backbones
+    from .backbones.hub_configs import resolve_backbones
     from .sources import require_hub
 
     backbones = resolve_backbones(values)
@@ -106,7 +106,7 @@ def _resolve_backbones(values: list[str]) -> list:
 
 
 def _cache(args):
-    from .features import FeatureCache
+    from .data.features import FeatureCache
 
     return FeatureCache(args.cache_dir) if args.cache_dir else FeatureCache()
 
@@ -115,9 +115,9 @@ def _calibrate(args) -> None:
     backbones = _resolve_backbones(args.backbones)
     _check_dataset(args)
 
-    from .calibration import calibrate
-    from .evaluation import evaluate
-    from .modeling_clip_ensemble import CLIPEnsembleModel
+    from .calibration.calibrate import calibrate
+    from .evaluation.evaluate import evaluate
+    from .models.modeling_clip_ensemble import CLIPEnsembleModel
 
     data = _load_data(args)
     model = CLIPEnsembleModel.from_backbones(
@@ -128,7 +128,7 @@ def _calibrate(args) -> None:
         **_placement(args),
     )
     if args.budget_gflops is not None:
-        from .selection import select_backbones
+        from .calibration.selection import select_backbones
 
         model, selection = select_backbones(
             model,
@@ -175,11 +175,11 @@ def _evaluate(args) -> None:
     if args.clip_benchmark_json and Path(args.clip_benchmark_json).is_file():
         raise ValueError(f"--clip-benchmark-json '{args.clip_benchmark_json}' is a file; give a folder.")
 
-    from .evaluation import evaluate
-    from .modeling_clip_ensemble import CLIPEnsembleModel
+    from .evaluation.evaluate import evaluate
+    from .models.modeling_clip_ensemble import CLIPEnsembleModel
 
     if args.report:
-        from .report import check_report_folder, require_matplotlib
+        from .evaluation.report import check_report_folder, require_matplotlib
 
         # Before the evaluation, which can take long: a missing extra or an unusable folder fails at once.
         require_matplotlib()
@@ -193,14 +193,14 @@ def _evaluate(args) -> None:
         report.to_json(args.json)
         print(f"Wrote {args.json}")
     if args.clip_benchmark_json:
-        from .clip_benchmark import write_clip_benchmark_results
+        from .evaluation.clip_benchmark import write_clip_benchmark_results
 
         paths = write_clip_benchmark_results(
             report, args.clip_benchmark_json, pretrained=args.model, dataset=args.clip_benchmark_dataset
         )
         print(f"Wrote {len(paths)} CLIP_benchmark result files (one per method) to {args.clip_benchmark_json}")
     if args.report:
-        from .report import write_report
+        from .evaluation.report import write_report
 
         write_report(report, args.report)
         print(f"Wrote the report to {args.report}/report.md (with charts, per-class accuracy, confusion matrix)")
@@ -208,7 +208,7 @@ def _evaluate(args) -> None:
 
 def _support(args, model):
     """The gate's own k-shot calibration images, redrawn from `--support-split` with its recorded shots and seed."""
-    from .data import sample_few_shot
+    from .data.labelled import sample_few_shot
 
     calibration = model.config.calibration
     if not calibration:
@@ -226,8 +226,8 @@ def _predict(args) -> int:
     and makes the exit status 1."""
     _check_model(args.model)
 
-    from .modeling_clip_ensemble import CLIPEnsembleModel
-    from .processing_clip_ensemble import load_image
+    from .models.modeling_clip_ensemble import CLIPEnsembleModel
+    from .models.processing_clip_ensemble import load_image
 
     images, errors = {}, {}
     for path in args.images:
@@ -265,10 +265,10 @@ def _demo(args) -> None:
     few shots per class, compare on held-out digits."""
     from huggingface_hub import constants
 
-    from .calibration import calibrate
-    from .evaluation import evaluate
-    from .features import FeatureCache
-    from .modeling_clip_ensemble import CLIPEnsembleModel
+    from .calibration.calibrate import calibrate
+    from .data.features import FeatureCache
+    from .evaluation.evaluate import evaluate
+    from .models.modeling_clip_ensemble import CLIPEnsembleModel
     from .tasks import DIGIT_CLASSES, digits_backbones, digits_backbones_ready, digits_dataset
 
     root = Path(args.workdir or Path(constants.HF_HOME) / "clip_ensemble" / "digits-backbones")
@@ -295,7 +295,7 @@ def _extract_features(args) -> None:
 
     from accelerate import PartialState
 
-    from .extraction import extract_features
+    from .data.extraction import extract_features
 
     report = extract_features(
         backbones,
@@ -312,12 +312,12 @@ def _extract_features(args) -> None:
 
 
 def _configs(args) -> None:
-    from .hub_configs import format_config_table
+    from .backbones.hub_configs import format_config_table
 
     print(format_config_table(args.name))
     if args.measure:
-        from .cost import measure_gflops_from_config
-        from .hub_configs import load_hub_config
+        from .backbones.hub_configs import load_hub_config
+        from .models.cost import measure_gflops_from_config
 
         if args.name is None:
             raise ValueError("--measure needs a set name: `clip-ensemble configs NAME --measure`.")

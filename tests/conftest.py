@@ -84,7 +84,7 @@ def digits_backbone_dirs(tmp_path_factory) -> list[str]:
 def digits_task(digits_backbone_dirs):
     """The digits task as features: the specialists' embeddings of the pool and the test split, their heads."""
     from clip_ensemble import CLIPEnsembleModel
-    from clip_ensemble.features import FeatureCache
+    from clip_ensemble.data.features import FeatureCache
     from clip_ensemble.tasks import DIGIT_CLASSES, digits_dataset, feature_task
 
     model = CLIPEnsembleModel.from_backbones(digits_backbone_dirs, labels=list(DIGIT_CLASSES))
@@ -94,7 +94,7 @@ def digits_task(digits_backbone_dirs):
 @pytest.fixture(scope="module")
 def feature_cache():
     """An in-memory feature cache, one per test module."""
-    from clip_ensemble.features import FeatureCache
+    from clip_ensemble.data.features import FeatureCache
 
     return FeatureCache(None)
 

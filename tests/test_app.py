@@ -22,7 +22,10 @@ from gradio_client.exceptions import AppError
 
 from app import build_demo, hub_reachable, main, rebind_uploads
 from clip_ensemble import CLIPEnsembleModel, FeatureCache
-from clip_ensemble.app_logic import GATE_FOLDER, MAX_UPLOAD_LABELS, GateStore, SharedEnsemble
+from clip_ensemble.app.keeping import GATE_FOLDER
+from clip_ensemble.app.service import SharedEnsemble
+from clip_ensemble.app.sessions import GateStore
+from clip_ensemble.app.uploads import MAX_UPLOAD_LABELS
 from clip_ensemble.tasks import TOY_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,16 +16,13 @@ import torch
 from huggingface_hub import CommitInfo, HfApi, RepoUrl
 from huggingface_hub.errors import HfHubHTTPError
 
-from clip_ensemble import CLIPEnsembleModel, FeatureCache, app_logic, calibrate
-from clip_ensemble.app_logic import (
-    GATE_FOLDER,
-    GateStore,
-    SessionGate,
-    SharedEnsemble,
-    calibration_verdict,
-    check_dataset_id,
-    parse_labels,
-)
+from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate
+from clip_ensemble.app import service
+from clip_ensemble.app.keeping import GATE_FOLDER
+from clip_ensemble.app.service import SharedEnsemble
+from clip_ensemble.app.sessions import GateStore, SessionGate
+from clip_ensemble.app.uploads import check_dataset_id, parse_labels
+from clip_ensemble.app.wording import calibration_verdict, verdict
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 LABELS = ", ".join(TOY_CLASSES)
@@ -143,7 +140,7 @@ def test_bad_uploads_are_refused_by_name_and_the_gate_kept(
         ensemble.calibrate_uploads(calibrated, LABELS, [*files[:2], [*files[2], str(broken)], *files[3:]])
     with pytest.raises(ValueError, match="No images uploaded for 'blue'"):
         ensemble.calibrate_uploads(calibrated, LABELS, files[:4])
-    monkeypatch.setattr(app_logic, "MAX_IMAGES_PER_LABEL", 2)
+    monkeypatch.setattr(service, "MAX_IMAGES_PER_LABEL", 2)
     with pytest.raises(ValueError, match="3 images uploaded for 'red'; upload at most 2"):
         ensemble.calibrate_uploads(calibrated, LABELS, files)
     with pytest.raises(ValueError, match=r"'holiday.png' \(the image to classify\)"):
@@ -246,7 +243,7 @@ def test_push_uses_the_users_token_only_and_never_shows_it(ensemble, calibrated,
 
 
 def test_the_shared_head_cache_stays_bounded(ensemble, probe, monkeypatch):
-    monkeypatch.setattr(app_logic, "_HEAD_CACHE_SIZE", 2)
+    monkeypatch.setattr(service, "_HEAD_CACHE_SIZE", 2)
     for i in range(3):
         ensemble.classify(SessionGate(), f"red, label{i}", probe)
     assert [labels for labels, _ in ensemble.model._head_cache] == [("red", "label1"), ("red", "label2")]
@@ -389,7 +386,7 @@ def test_evaluate_on_a_zip_of_class_folders_with_a_verdict(ensemble, calibrated,
             zipped.writestr(f"photos/{TOY_CLASSES[label]}/{i}.png", encoded.getvalue())
     report = ensemble.evaluate_uploads(calibrated, "", archive=archive)
     assert len(report.labels) == 18 and sorted(report.label_names) == sorted(TOY_CLASSES)
-    text = app_logic.verdict(report)
+    text = verdict(report)
     assert text.startswith("**Verdict on 18 images:** the gate scores")
     assert "plain averaging" in text and "toy-clip-0" in text and "treat small differences as noise" in text
     with zipfile.ZipFile(tmp_path / "flat.zip", "w") as zipped:

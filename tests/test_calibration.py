@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate, evaluate
-from clip_ensemble.backbones import TransformersBackbone
-from clip_ensemble.evaluation import ORACLE
+from clip_ensemble.backbones.transformers_backbone import TransformersBackbone
+from clip_ensemble.evaluation.evaluate import ORACLE
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate
-from clip_ensemble.cascade import run_on_features, stop_margins
-from clip_ensemble.cost import Cascade, cost_order
-from clip_ensemble.fitting import Features, OutOfFold
-from clip_ensemble.modeling_clip_ensemble import CASCADE_WEIGHTS_NAME, GATE_WEIGHTS_NAME
+from clip_ensemble.calibration.cascade_fitting import run_on_features, stop_margins
+from clip_ensemble.calibration.fitting import Features, OutOfFold
+from clip_ensemble.models.cascade import Cascade, cost_order
+from clip_ensemble.models.modeling_clip_ensemble import CASCADE_WEIGHTS_NAME, GATE_WEIGHTS_NAME
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 
@@ -171,7 +171,7 @@ def test_set_cascade_checks_what_it_is_given(cascaded):
 
 def test_evaluate_charts_accuracy_against_compute(cascaded, tmp_path):
     from clip_ensemble import evaluate
-    from clip_ensemble.report import write_report
+    from clip_ensemble.evaluation.report import write_report
 
     model, _ = cascaded
     report = evaluate(model, toy_dataset(per_class=5, seed=9), cache=FeatureCache(None), progress=False)
@@ -230,11 +230,15 @@ def test_cached_features_give_the_models_own_cascade_answers(cascaded, test_imag
 
 def test_fitting_a_cascade_reuses_calibrations_out_of_fold_answers(toy_backbone_dirs, monkeypatch):
     # Only the prefix gates of 2 .. B - 1 backbones are fitted: no fold is refitted for the stopping rule.
-    import clip_ensemble.cascade
+    import clip_ensemble.calibration.cascade_fitting
 
     calls = []
-    fit = clip_ensemble.cascade.fit_calibrated_gate
-    monkeypatch.setattr(clip_ensemble.cascade, "fit_calibrated_gate", lambda *a, **k: calls.append(1) or fit(*a, **k))
+    fit = clip_ensemble.calibration.cascade_fitting.fit_calibrated_gate
+    monkeypatch.setattr(
+        clip_ensemble.calibration.cascade_fitting,
+        "fit_calibrated_gate",
+        lambda *a, **k: calls.append(1) or fit(*a, **k),
+    )
     model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
     calibrate(model, toy_dataset(per_class=4, seed=5), shots=4, cache=FeatureCache(None), cascade_tolerance=0.05)
     assert len(calls) == len(model.backbones) - 2

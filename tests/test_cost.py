@@ -6,9 +6,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPConfig, CLIPModel
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, TransformersBackbone
-from clip_ensemble.cost import cost_order, measure_gflops
-from clip_ensemble.hub_configs import load_hub_config
-from clip_ensemble.selection import select_backbones
+from clip_ensemble.backbones.hub_configs import load_hub_config
+from clip_ensemble.calibration.selection import select_backbones
+from clip_ensemble.models.cascade import cost_order
+from clip_ensemble.models.cost import measure_gflops
 from clip_ensemble.tasks import TOY_CLASSES, tiny_clip, toy_dataset
 
 

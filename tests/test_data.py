@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from clip_ensemble import from_hub_dataset, from_image_folder, from_lists, sample_few_shot
-from clip_ensemble.data import load_labelled_data
+from clip_ensemble.data.labelled import load_labelled_data
 
 
 def _image(value: int) -> Image.Image:

@@ -8,10 +8,10 @@ from unittest import mock
 import pytest
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate
-from clip_ensemble.backbones import TransformersBackbone
-from clip_ensemble.data import from_image_folder
-from clip_ensemble.extraction import extract_features
-from clip_ensemble.features import image_fingerprint
+from clip_ensemble.backbones.transformers_backbone import TransformersBackbone
+from clip_ensemble.data.extraction import extract_features
+from clip_ensemble.data.features import image_fingerprint
+from clip_ensemble.data.labelled import from_image_folder
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache
-from clip_ensemble.backbones import TransformersBackbone
-from clip_ensemble.features import backbone_fingerprint, image_fingerprint
+from clip_ensemble.backbones.transformers_backbone import TransformersBackbone
+from clip_ensemble.data.features import backbone_fingerprint, image_fingerprint
 
 
 @pytest.fixture(scope="module")

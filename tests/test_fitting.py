@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from clip_ensemble.fitting import (
+from clip_ensemble.calibration.fitting import (
     BEST_BACKBONE,
     GATE,
     MEAN_OF_LOGITS,
@@ -14,7 +14,7 @@ from clip_ensemble.fitting import (
     cross_validation_folds,
     fit_calibrated_gate,
 )
-from clip_ensemble.gate import EnsembleGate, combine_logits
+from clip_ensemble.models.gate import EnsembleGate, combine_logits
 from clip_ensemble.tasks.synthetic import dominant_backbone_task, hard_images_task
 
 

@@ -1,5 +1,6 @@
 """Saving, loading and pushing: only the config, the gate and a card; backbones by reference."""
 
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -11,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 
 from clip_ensemble import CLIPEnsembleConfig, CLIPEnsembleModel, FeatureCache, evaluate, from_lists
+from clip_ensemble.models.saved_gate import read_saved_gate
 
 LABELS = ["cat", "dog", "bird"]
 SAVED_FILES = {"config.json", "gate.safetensors", "README.md"}
@@ -152,7 +154,7 @@ def test_gate_with_missing_or_extra_keys_is_rejected(calibrated, tmp_path):
 def test_corrupted_gate_file_is_rejected(calibrated, tmp_path):
     calibrated.save_pretrained(tmp_path)
     (tmp_path / "gate.safetensors").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(ValueError, match="corrupted or not a safetensors file"):
+    with pytest.raises(ValueError, match="corrupted or not a readable safetensors file"):
         CLIPEnsembleModel.from_pretrained(tmp_path)
 
 
@@ -184,8 +186,30 @@ def test_a_failed_save_keeps_the_previous_gate(calibrated, tmp_path):
     calibrated.save_pretrained(tmp_path)
     before = (tmp_path / "gate.safetensors").read_bytes()
     with (
-        mock.patch("clip_ensemble.modeling_clip_ensemble.save_file", side_effect=OSError("disk full")),
+        mock.patch("clip_ensemble.models.saved_gate.save_file", side_effect=OSError("disk full")),
         pytest.raises(OSError, match="disk full"),
     ):
         calibrated.save_pretrained(tmp_path)
     assert (tmp_path / "gate.safetensors").read_bytes() == before
+
+
+def test_one_loader_reads_a_folder_its_zip_or_its_files(calibrated, tmp_path, images):
+    """`from_pretrained` and the app read saved gates through `read_saved_gate`: a zip of the folder, or the files
+    themselves, load as the folder does, and a file over a size cap is refused before it is read."""
+    calibrated.save_pretrained(tmp_path / "gate")
+    archive = shutil.make_archive(str(tmp_path / "gate"), "zip", root_dir=tmp_path, base_dir="gate")
+    loaded = CLIPEnsembleModel.from_pretrained(archive)
+    torch.testing.assert_close(loaded(images=images).logits, calibrated(images=images).logits, atol=0, rtol=0)
+    files = [tmp_path / "gate" / name for name in ("config.json", "gate.safetensors")]
+    saved = read_saved_gate(files)
+    assert saved.gate_bytes == (tmp_path / "gate" / "gate.safetensors").read_bytes() and saved.cascade_bytes is None
+    assert saved.labels == LABELS and saved.calibration == {"dataset": "toy", "shots": 4}
+    with pytest.raises(
+        ValueError, match=r"'gate.safetensors' is too large to be a gate file \(\d+ bytes; at most 10\)"
+    ):
+        read_saved_gate(tmp_path / "gate", max_weights_bytes=10)
+    with pytest.raises(ValueError, match=r"in the zip is \d+ bytes; at most 10 are read"):
+        read_saved_gate(archive, max_weights_bytes=10)
+    (tmp_path / "gate" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="is not a clip-ensemble gate's"):
+        read_saved_gate(tmp_path / "gate")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from clip_ensemble import CLIPEnsembleConfig
-from clip_ensemble.hub_configs import (
+from clip_ensemble.backbones.hub_configs import (
     CONFIG_DIR,
     backbone_entries,
     format_config_table,

@@ -4,8 +4,8 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
-from clip_ensemble.evaluate_modules import MeanPerClassRecall, TopKAccuracy
-from clip_ensemble.metrics import confusion_matrix, mean_per_class_recall, per_class_recall, top_k_accuracy
+from clip_ensemble.evaluation.evaluate_modules import MeanPerClassRecall, TopKAccuracy
+from clip_ensemble.evaluation.metrics import confusion_matrix, mean_per_class_recall, per_class_recall, top_k_accuracy
 
 
 def test_metrics_agree_with_scikit_learn():

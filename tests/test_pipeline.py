@@ -18,7 +18,7 @@ from clip_ensemble import (
     TransformersBackbone,
     evaluate,
 )
-from clip_ensemble.evaluate_modules import CLIPEnsembleEvaluator, MeanPerClassRecall, TopKAccuracy
+from clip_ensemble.evaluation.evaluate_modules import CLIPEnsembleEvaluator, MeanPerClassRecall, TopKAccuracy
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 

@@ -9,8 +9,8 @@ import torch
 from accelerate.utils import compute_module_sizes
 
 from clip_ensemble import CLIPEnsembleModel
-from clip_ensemble.backbones import TransformersBackbone
-from clip_ensemble.placement import (
+from clip_ensemble.backbones.transformers_backbone import TransformersBackbone
+from clip_ensemble.models.placement import (
     backbone_size,
     main_device,
     normalize_device,

@@ -11,8 +11,8 @@ from PIL import Image
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate, evaluate
 from clip_ensemble.cli import main
-from clip_ensemble.evaluation import ORACLE, TIE, EvaluationReport
-from clip_ensemble.report import REPORT_FILES, write_report
+from clip_ensemble.evaluation.evaluate import ORACLE, TIE, EvaluationReport
+from clip_ensemble.evaluation.report import REPORT_FILES, write_report
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 

@@ -7,7 +7,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from clip_ensemble.hub_configs import backbone_entries
+from clip_ensemble.backbones.hub_configs import backbone_entries
 
 REPO = Path(__file__).resolve().parents[1]
 tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with Python 3.11's tomllib")

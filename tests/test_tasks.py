@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clip_ensemble.data import LabelledImages
-from clip_ensemble.features import FeatureCache
+from clip_ensemble.data.features import FeatureCache
+from clip_ensemble.data.labelled import LabelledImages
 from clip_ensemble.tasks import (
     DIGIT_CLASSES,
     WIDTHS,

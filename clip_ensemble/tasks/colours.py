@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..data import LabelledImages
-from ..templates import SHORT_TEMPLATES
+from ..backbones.templates import SHORT_TEMPLATES
+from ..data.labelled import LabelledImages
 from .tiny import tiny_clip
 
 # A toy task: coloured shapes on noise, named by their colour, in three look-alike pairs. Each toy backbone

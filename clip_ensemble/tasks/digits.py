@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data import LabelledImages
-from ..templates import SHORT_TEMPLATES
+from ..backbones.templates import SHORT_TEMPLATES
+from ..data.labelled import LabelledImages
 from .tiny import tiny_clip
 
 # Lowercase letters only: the tiny tokenizer is character-level.

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..data import LabelledImages
-from ..features import FeatureCache
-from ..modeling_clip_ensemble import CLIPEnsembleModel
+from ..data.features import FeatureCache
+from ..data.labelled import LabelledImages
+from ..models.modeling_clip_ensemble import CLIPEnsembleModel
 
 # The embedding widths of the paper's nine OpenAI CLIPs, in this order.
 PAPER_BACKBONES = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336")

@@ -62,7 +62,7 @@ def save_tiny_open_clip_resnet(folder: str | Path, embed_dim: int = 16, image_si
     layout, loadable as `local-dir:{folder}`. It uses OpenCLIP's own tokenizer, so the text tower keeps the full
     49,408-token vocabulary (about 0.8M of its parameters). Needs the `[open-clip]` extra.
     """
-    from ..open_clip_backbone import CONFIG_NAME, WEIGHTS_NAME, import_open_clip
+    from ..backbones.open_clip_backbone import CONFIG_NAME, WEIGHTS_NAME, import_open_clip
 
     open_clip = import_open_clip()
     # One bottleneck block per stage; the image is downsampled 32x, to 2x2 at image_size=64.

@@ -7,12 +7,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .cascade import CHART_TOLERANCES, CascadeReport, fit_cascade
-from .data import LabelledImages, load_labelled_data, sample_few_shot
-from .features import FeatureCache
+from ..data.features import FeatureCache
+from ..data.labelled import LabelledImages, load_labelled_data, sample_few_shot
+from ..models.gate import combine_logits
+from ..models.modeling_clip_ensemble import CLIPEnsembleModel
+from .cascade_fitting import CHART_TOLERANCES, CascadeReport, fit_cascade
 from .fitting import BEST_BACKBONE, GATE, MEAN_OF_LOGITS, STATIC_WEIGHTS, Features, GateChoice, fit_calibrated_gate
-from .gate import combine_logits
-from .modeling_clip_ensemble import CLIPEnsembleModel
 
 
 @dataclass
@@ -100,12 +100,12 @@ def calibrate(
 
     Cross-validation on those images chooses between the trained gate, static per-backbone weights, plain logit
     averaging (the gate's starting point) and the best single backbone, and the fitting settings (see
-    `clip_ensemble.fitting.fit_calibrated_gate`); the report says what was chosen and why.
+    `clip_ensemble.calibration.fitting.fit_calibrated_gate`); the report says what was chosen and why.
     `data` is a `LabelledImages`, an image folder, a `datasets.Dataset` or a Hub dataset id (`split` is used for
     the last two). The model takes the data's label names. Image embeddings come from `cache` (by default the
     on-disk cache), so a second calibration on the same images runs no backbone. Deterministic for a seed.
 
-    `cascade_tolerance` (e.g. 0.01, one point of top-1) also fits a cascade (`clip_ensemble.cascade.fit_cascade`):
+    `cascade_tolerance` (e.g. 0.01, one point of top-1) also fits a cascade (`clip_ensemble.calibration.cascade_fitting.fit_cascade`):
     backbones run cheapest first and an image stops once the rest are unlikely to change its answer, with the
     largest saving whose cross-validated top-1 stays within that tolerance of the full ensemble's. `None` (the
     default) removes any cascade.

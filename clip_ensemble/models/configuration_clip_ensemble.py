@@ -8,8 +8,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from .backbones import LOCAL_DIR_PREFIX
-from .templates import TEMPLATE_SETS
+from ..backbones.base import LOCAL_DIR_PREFIX
+from ..backbones.templates import TEMPLATE_SETS
 
 COMBINATIONS = ("softplus", "softmax", "top1")
 
@@ -47,7 +47,7 @@ class CLIPEnsembleConfig(PretrainedConfig):
         labels (`list[str]`):
             The class names, unique and non-empty. `id2label` and `label2id` follow them.
         templates (`list[str] | str`, *optional*, defaults to `"short"`):
-            Prompt templates with one `{}` each, or the name of a set in `clip_ensemble.templates.TEMPLATE_SETS`.
+            Prompt templates with one `{}` each, or the name of a set in `clip_ensemble.backbones.templates.TEMPLATE_SETS`.
         gate_hidden_size (`int`, *optional*, defaults to 128):
             Width of the gate's hidden layer (the paper uses 128).
         combination (`str`, *optional*, defaults to `"softplus"`):

@@ -7,30 +7,30 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from huggingface_hub import CommitOperationAdd, HfApi
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .backbones import Backbone
+from ..backbones.base import Backbone
+from ..backbones.zero_shot import build_zero_shot_classifier
+from .cascade import Cascade
 from .configuration_clip_ensemble import CLIPEnsembleConfig, _normalize_backbone
-from .cost import Cascade, measure_gflops
+from .cost import describe_costs, measure_gflops
 from .gate import EnsembleGate, combine_logits
-from .modelcard import build_model_card
+from .modelcard import CardEvaluation, build_model_card
 from .placement import Device, load_backbones, run_per_device, torch_device
 from .processing_clip_ensemble import CLIPEnsembleProcessor, ImageInput
-from .zero_shot import build_zero_shot_classifier
-
-if TYPE_CHECKING:  # evaluation.py imports this module
-    from .evaluation import EvaluationReport
-
-GATE_WEIGHTS_NAME = "gate.safetensors"
-CASCADE_WEIGHTS_NAME = "cascade.safetensors"
+from .saved_gate import (
+    CASCADE_WEIGHTS_NAME,
+    GATE_WEIGHTS_NAME,
+    cascade_state,
+    read_saved_gate,
+    strict_state,
+    write_weights,
+)
 
 
 @dataclass
@@ -133,40 +133,16 @@ class CLIPEnsembleModel(PreTrainedModel):
     @property
     def backbone_gflops(self) -> list[float]:
         """Forward GFLOPs per image of each backbone's image tower at its own input size, measured once per backbone
-        with torch's FLOP counter (`clip_ensemble.cost.measure_gflops`; 2 FLOPs per multiply-add)."""
+        with torch's FLOP counter (`clip_ensemble.models.cost.measure_gflops`; 2 FLOPs per multiply-add)."""
         return [measure_gflops(backbone) for backbone in self.backbones]
 
     def describe(self) -> str:
         """The backbones as a Markdown table: embedding width, input size and measured GFLOPs per image; and the
         cascade, if any."""
-        from .cost import input_size
-
-        rows = [
-            f"| {i} | `{name}` | {entry['embed_dim']} | {'x'.join(map(str, input_size(backbone)))} | {gflops:.3g} |"
-            for i, (name, entry, backbone, gflops) in enumerate(
-                zip(self.config.backbone_names, self.config.backbones, self.backbones, self.backbone_gflops)
-            )
-        ]
-        lines = [
-            "| # | backbone | embedding width | input | GFLOPs/image |",
-            "|---|---|---|---|---|",
-            *rows,
-            f"| | total | | | {sum(self.backbone_gflops):.3g} |",
-        ]
-        if self.cascade is not None:
-            info = self.config.cascade
-            order = " -> ".join(self.config.backbone_names[b] for b in self.cascade.order)
-            expected = (
-                f": about {info['mean_gflops']:.3g} GFLOPs per image expected, top-1 within {info['tolerance']} of "
-                "the full ensemble"
-                if info.get("mean_gflops") is not None
-                else ""
-            )
-            lines.append(f"\nCascade: {order}{expected}.")
-        return "\n".join(lines)
+        return describe_costs(self.config, self.backbones)
 
     def set_cascade(self, cascade: Cascade | None, **info) -> None:
-        """Run backbones as `cascade` says (see `clip_ensemble.cost.Cascade`), or all of them with `None`.
+        """Run backbones as `cascade` says (see `clip_ensemble.models.cascade.Cascade`), or all of them with `None`.
 
         `info` (what its fitting estimated: tolerance, mean GFLOPs, accuracy) goes into `config.cascade` with the
         cascade's order and stop margins, and from there into the saved config and the model card.
@@ -175,7 +151,9 @@ class CLIPEnsembleModel(PreTrainedModel):
             self.cascade, self.config.cascade = None, None
             return
         if not isinstance(cascade, Cascade):
-            raise TypeError(f"set_cascade takes a clip_ensemble.cost.Cascade or None, got {type(cascade).__name__}.")
+            raise TypeError(
+                f"set_cascade takes a clip_ensemble.models.cascade.Cascade or None, got {type(cascade).__name__}."
+            )
         if len(cascade.order) != self.config.num_backbones:
             raise ValueError(
                 f"The cascade orders {len(cascade.order)} backbones, the ensemble has {self.config.num_backbones}."
@@ -216,7 +194,7 @@ class CLIPEnsembleModel(PreTrainedModel):
 
         `device_map` ("auto", "balanced", "sequential", one device, or a dict from backbone index or name to
         device), `max_memory` ({device: bytes or "10GiB"}) and `offload_folder` place each backbone whole on one
-        device (see `clip_ensemble.placement`); `dtype` (alias `torch_dtype`) is the backbones' precision, the gate
+        device (see `clip_ensemble.models.placement`); `dtype` (alias `torch_dtype`) is the backbones' precision, the gate
         stays float32. `gate_settings` are `gate_hidden_size` and `combination` (see `CLIPEnsembleConfig`).
         """
         if not backbones:
@@ -429,7 +407,7 @@ class CLIPEnsembleModel(PreTrainedModel):
         self,
         save_directory: str | os.PathLike,
         repo_id: str | None = None,
-        evaluations: EvaluationReport | Sequence[EvaluationReport] = (),
+        evaluations: CardEvaluation | dict | Sequence[CardEvaluation | dict] = (),
         **_,
     ) -> None:
         """Write `config.json`, `gate.safetensors` and a model card `README.md`; no backbone weight.
@@ -440,7 +418,7 @@ class CLIPEnsembleModel(PreTrainedModel):
         save_directory = Path(save_directory)
         if save_directory.is_file():
             raise ValueError(f"save_directory '{save_directory}' is a file; give a folder.")
-        if not isinstance(evaluations, Sequence):
+        if isinstance(evaluations, dict) or not isinstance(evaluations, Sequence):
             evaluations = [evaluations]
         card = build_model_card(  # checks the evaluations before writing
             self.config, repo_id=repo_id, evaluations=evaluations, backbone_gflops=self.backbone_gflops
@@ -448,17 +426,10 @@ class CLIPEnsembleModel(PreTrainedModel):
         save_directory.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
         self.config.save_pretrained(save_directory)
-        gate_state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.gate.state_dict().items()}
-        # Write then rename, so an interrupted save never leaves a corrupt gate behind.
-        partial = save_directory / f".{GATE_WEIGHTS_NAME}.partial"
-        save_file(gate_state, partial, metadata={"format": "pt"})
-        os.replace(partial, save_directory / GATE_WEIGHTS_NAME)
+        write_weights(self.gate.state_dict(), save_directory / GATE_WEIGHTS_NAME)
         cascade_file = save_directory / CASCADE_WEIGHTS_NAME
         if self.cascade is not None:
-            state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.cascade.state_dict().items()}
-            partial = save_directory / f".{CASCADE_WEIGHTS_NAME}.partial"
-            save_file(state, partial, metadata={"format": "pt"})
-            os.replace(partial, cascade_file)
+            write_weights(self.cascade.state_dict(), cascade_file)
         elif cascade_file.is_file():
             cascade_file.unlink()  # a cascade saved here before would not match this config
         card.save(save_directory / "README.md")
@@ -472,7 +443,7 @@ class CLIPEnsembleModel(PreTrainedModel):
         revision: str | None = None,
         commit_message: str = "Upload CLIP ensemble gate",
         create_pr: bool = False,
-        evaluations: EvaluationReport | Sequence[EvaluationReport] = (),
+        evaluations: CardEvaluation | dict | Sequence[CardEvaluation | dict] = (),
     ):
         """Upload the config, the gate and the model card to `repo_id` (created if needed); returns the commit.
 
@@ -519,25 +490,9 @@ class CLIPEnsembleModel(PreTrainedModel):
         for hub_only in ("force_download", "proxies", "subfolder", "trust_remote_code"):
             backbone_kwargs.pop(hub_only, None)
         hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
-        path = str(pretrained_model_name_or_path)
+        saved = read_saved_gate(pretrained_model_name_or_path, **hub)
         if config is None:
-            config = CLIPEnsembleConfig.from_pretrained(path, **hub)
-        if os.path.isdir(path):
-            gate_file = os.path.join(path, GATE_WEIGHTS_NAME)
-            if not os.path.isfile(gate_file):
-                raise ValueError(f"'{path}' has no {GATE_WEIGHTS_NAME}; save the ensemble with `save_pretrained`.")
-        else:
-            gate_file = hf_hub_download(path, GATE_WEIGHTS_NAME, **hub)
-        cascade_file = None
-        if config.cascade is not None:
-            cascade_file = os.path.join(path, CASCADE_WEIGHTS_NAME)
-            if not os.path.isdir(path):
-                cascade_file = hf_hub_download(path, CASCADE_WEIGHTS_NAME, **hub)
-            elif not os.path.isfile(cascade_file):
-                raise ValueError(
-                    f"'{path}' has a cascade in its config but no {CASCADE_WEIGHTS_NAME}; save the ensemble again "
-                    "with `save_pretrained`, or remove 'cascade' from its config.json."
-                )
+            config = CLIPEnsembleConfig.from_dict(dict(saved.config))
         backbones, placement, main = load_backbones(
             config.backbones,
             device_map=device_map,
@@ -548,40 +503,17 @@ class CLIPEnsembleModel(PreTrainedModel):
             **backbone_kwargs,
         )
         model = cls(config, backbones)._place_gate(placement, main)
-        model.load_gate(gate_file)
-        if cascade_file is not None:
-            model.cascade.load_state_dict(_load_strict(cascade_file, model.cascade.state_dict(), "cascade"))
+        what = f"The {GATE_WEIGHTS_NAME} of {saved.source}"
+        model.gate.load_state_dict(strict_state(saved.gate_bytes, model.gate.state_dict(), what))
+        if model.cascade is not None:
+            model.cascade.load_state_dict(cascade_state(saved, config, config.cascade))
         model.eval()
         return model
 
     def load_gate(self, gate_file: str | os.PathLike) -> None:
         """Load gate weights strictly: missing, unexpected or mis-shaped tensors raise a `ValueError`."""
-        self.gate.load_state_dict(_load_strict(gate_file, self.gate.state_dict(), "gate"), strict=True)
-
-
-def _load_strict(file: str | os.PathLike, expected: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors `file`, checked against `expected`'s names and shapes (ValueError otherwise)."""
-    try:
-        with safe_open(file, framework="pt") as weights:
-            state = {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as error:
-        raise ValueError(
-            f"The {what} file '{file}' is corrupted or not a safetensors file ({error}); re-download it or save the "
-            "ensemble again."
-        ) from error
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    mismatched = [
-        f"{name}: file {tuple(state[name].shape)} vs config {tuple(tensor.shape)}"
-        for name, tensor in expected.items()
-        if name in state and state[name].shape != tensor.shape
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"The {what} file '{file}' does not match the config: missing keys {missing}, unexpected keys "
-            f"{unexpected}, mis-shaped {mismatched}. It was saved by another version or another model, or the "
-            "config's backbones, their embedding widths or gate_hidden_size differ from the file's."
-        )
-    return state
+        data = Path(gate_file).read_bytes()
+        self.gate.load_state_dict(strict_state(data, self.gate.state_dict(), f"The gate file '{gate_file}'"))
 
 
 __all__ = ["CASCADE_WEIGHTS_NAME", "CLIPEnsembleModel", "CLIPEnsembleOutput", "GATE_WEIGHTS_NAME"]

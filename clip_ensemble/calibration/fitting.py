@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cost import margins
-from .gate import EnsembleGate, combine_logits
+from ..models.cascade import margins
+from ..models.gate import EnsembleGate, combine_logits
 
 
 class Features(NamedTuple):

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .calibration import CalibrationReport, calibrate
-from .configuration_clip_ensemble import CLIPEnsembleConfig
-from .data import LabelledImages, load_labelled_data, sample_few_shot
-from .features import FeatureCache
+from ..data.features import FeatureCache
+from ..data.labelled import LabelledImages, load_labelled_data, sample_few_shot
+from ..models.configuration_clip_ensemble import CLIPEnsembleConfig
+from ..models.gate import EnsembleGate
+from ..models.modeling_clip_ensemble import CLIPEnsembleModel
+from .calibrate import CalibrationReport, calibrate
 from .fitting import Features, fit_calibrated_gate
-from .gate import EnsembleGate
-from .modeling_clip_ensemble import CLIPEnsembleModel
 
 # Subsets are enumerated exhaustively (2^B - 1 of them); beyond this many backbones that is too many.
 _MAX_BACKBONES = 16

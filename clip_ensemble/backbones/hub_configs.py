@@ -7,7 +7,7 @@ says why; figures are never guessed), and optionally `profile` (the row of OpenC
 
 ```python
 >>> from clip_ensemble import CLIPEnsembleModel
->>> from clip_ensemble.hub_configs import backbone_entries
+>>> from clip_ensemble.backbones.hub_configs import backbone_entries
 
 >>> model = CLIPEnsembleModel.from_backbones(backbone_entries("small-cpu"), labels=["cat", "dog"])
 ```
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .sources import check_path_or_hub_id
+from ..sources import check_path_or_hub_id
 
 # `clip_ensemble.backbones.HF_HUB_PREFIX` and `LOCAL_DIR_PREFIX` (OpenCLIP ids), spelt here so that listing and
 # resolving sets imports no torch: `clip-ensemble configs` and argument errors answer at once.
@@ -30,7 +30,7 @@ HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
 
 # The repo's top-level hub_configs/, linked into the package so that a wheel ships it too.
-CONFIG_DIR = Path(__file__).parent / "_hub_configs"
+CONFIG_DIR = Path(__file__).parents[1] / "_hub_configs"  # clip_ensemble/_hub_configs, a link to hub_configs/
 
 _NUMBER = (int, float)
 _SET_FIELDS = {"description": str, "sources": str, "backbones": list}

@@ -11,8 +11,8 @@ import math
 import os
 from pathlib import Path
 
-from .baselines import STACKING
-from .evaluation import ORACLE, EvaluationReport, compute_table
+from ..calibration.baselines import STACKING
+from .evaluate import ORACLE, EvaluationReport, compute_table
 
 REPORT_FILES = (
     "report.md",

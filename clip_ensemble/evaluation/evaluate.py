@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from .baselines import Baseline, fit_baselines
-from .calibration import CalibrationReport
-from .data import LabelledImages, load_labelled_data
-from .features import FeatureCache
-from .fitting import Features
+from ..calibration.baselines import Baseline, fit_baselines
+from ..calibration.calibrate import CalibrationReport
+from ..calibration.fitting import Features
+from ..data.features import FeatureCache
+from ..data.labelled import LabelledImages, load_labelled_data
+from ..models.modeling_clip_ensemble import CLIPEnsembleModel
 from .metrics import confusion_matrix, mean_per_class_recall, per_class_recall, top_k_accuracy
-from .modeling_clip_ensemble import CLIPEnsembleModel
 
 ORACLE = "oracle (any backbone right)"
 TIE = "tie (equal weights)"
@@ -29,7 +29,7 @@ class EvaluationReport:
 
     The oracle has no ranking: `oracle_correct` holds its (n, 2) top-1 / top-5 hits. `gate_method` names the gate's
     entry in `ranked`; `split` is the dataset split when the data was loaded from a `datasets` dataset or Hub id.
-    `baselines` maps each baseline fitted on the calibration data (see `clip_ensemble.baselines`) to its
+    `baselines` maps each baseline fitted on the calibration data (see `clip_ensemble.calibration.baselines`) to its
     hyper-parameters chosen by cross-validation there; empty when `evaluate` was given no `support`.
     """
 
@@ -97,6 +97,10 @@ class EvaluationReport:
             **({"baselines": self.baselines} if self.baselines else {}),
             "accuracy_against_compute": self.compute,
         }
+
+    def card_entry(self) -> dict:
+        """What a model card shows of this evaluation (see `clip_ensemble.models.modelcard.CardEvaluation`)."""
+        return {**self.to_dict(), "label_names": list(self.label_names), "table": self.table()}
 
     def to_json(self, path=None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
@@ -181,7 +185,7 @@ def evaluate(
     `data` is a `LabelledImages`, an image folder, a `datasets.Dataset` or a Hub dataset id (with `split`).
     `support` is the calibration data: a `CalibrationReport` (its k-shot images are used), or a `LabelledImages`,
     folder, `Dataset` or Hub id ("train" split). When given, the baselines a user would pick instead of the gate
-    (`clip_ensemble.baselines`: stacking, a linear probe, Tip-Adapter) are fitted on its cached features, their
+    (`clip_ensemble.calibration.baselines`: stacking, a linear probe, Tip-Adapter) are fitted on its cached features, their
     hyper-parameters chosen by cross-validation on it, and reported beside the gate.
     """
     source, data = data, load_labelled_data(data, split=split)

@@ -1,25 +1,22 @@
-"""Backbone adapters: one interface over CLIP-like models, each with its own processor."""
+"""Transformers backbones: any model with `get_image_features` and `get_text_features` and an AutoProcessor."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from accelerate.utils import align_module_device, compute_module_sizes
+from accelerate.utils import compute_module_sizes
 from huggingface_hub import hf_hub_download
 from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
+from .base import Backbone
+
 # OpenAI CLIP's learned logit scale is capped at log(100); used when a model has none.
 _DEFAULT_LOGIT_SCALE = 100.0
-# Backbone ids with these prefixes are OpenCLIP models (open_clip_backbone.py); any other is a transformers model.
-HF_HUB_PREFIX = "hf-hub:"
-LOCAL_DIR_PREFIX = "local-dir:"
 
 
 def _as_tensor(features) -> torch.Tensor:
@@ -34,41 +31,6 @@ def _pinned_revision(name_or_path: str, revision: str | None) -> str | None:
     config_file = Path(hf_hub_download(name_or_path, "config.json", revision=revision))
     # Hub cache layout: .../models--org--name/snapshots/<commit>/config.json
     return config_file.parent.name if config_file.parent.parent.name == "snapshots" else revision
-
-
-class Backbone(nn.Module):
-    """What the ensemble needs from one frozen CLIP-like model, whichever library provides it.
-
-    Subclasses set `self.model` (the wrapped module), `name_or_path` and `revision`, and implement `from_pretrained`,
-    `weight_bytes` (the size of the weights, without loading them), `embed_dim`, `logit_scale`, `preprocess`,
-    `encode_images`, `encode_texts` and `cache_key` (what determines the image embeddings, for the feature cache);
-    the embeddings they return are L2-normalised float32 of shape (batch, embed_dim). Methods that use the weights run
-    inside `self.onloaded()`, so that a backbone offloaded to CPU or disk (placement.py) works as any other.
-    """
-
-    name_or_path: str
-    revision: str | None
-    # Set by `placement.offload_backbone`: the weights then sit on the meta device between calls.
-    execution_device: torch.device | None = None
-
-    @property
-    def device(self) -> torch.device:
-        """Where the backbone computes: its weights' device, or the execution device of an offloaded backbone."""
-        return self.execution_device or next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @contextmanager
-    def onloaded(self) -> Iterator[None]:
-        """Bring offloaded weights, all of them, to the execution device for the duration; a no-op otherwise."""
-        with align_module_device(self.model):
-            yield
-
-    def describe(self) -> dict:
-        """The config entry that points back at this backbone."""
-        return {"name_or_path": self.name_or_path, "revision": self.revision, "embed_dim": self.embed_dim}
 
 
 class TransformersBackbone(Backbone):
@@ -171,21 +133,4 @@ class TransformersBackbone(Backbone):
         return key
 
 
-def backbone_class(name_or_path: str) -> type[Backbone]:
-    """`hf-hub:org/name` and `local-dir:/path` are OpenCLIP models (the `[open-clip]` extra); any other repo id or
-    folder is a transformers model."""
-    if name_or_path.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
-        from .open_clip_backbone import OpenCLIPBackbone  # imported here: that module builds on this one
-
-        return OpenCLIPBackbone
-    return TransformersBackbone
-
-
-def load_backbone(entry: dict, **model_kwargs) -> Backbone:
-    """Load one backbone from its config entry (repo id or folder, revision)."""
-    return backbone_class(entry["name_or_path"]).from_pretrained(
-        entry["name_or_path"], revision=entry.get("revision"), **model_kwargs
-    )
-
-
-__all__ = ["Backbone", "HF_HUB_PREFIX", "LOCAL_DIR_PREFIX", "TransformersBackbone", "backbone_class", "load_backbone"]
+__all__ = ["TransformersBackbone"]

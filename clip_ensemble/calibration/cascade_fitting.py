@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .cost import Cascade, cost_order
+from ..models.cascade import Cascade, cost_order
+from ..models.gate import EnsembleGate, combine_logits
 from .fitting import Features, OutOfFold, fit_calibrated_gate
-from .gate import EnsembleGate, combine_logits
 
 SINGLE_BACKBONE = "single backbone"  # the first stage: the cheapest backbone's own logits, unweighted
 # Tolerances whose stopping margins are kept in the config, for accuracy-against-compute charts.

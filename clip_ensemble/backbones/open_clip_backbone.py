@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
-from .backbones import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, Backbone
+from .base import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, Backbone
 
 CONFIG_NAME = "open_clip_config.json"
 # Only safetensors weights are loaded: a `.bin` checkpoint would be unpickled.

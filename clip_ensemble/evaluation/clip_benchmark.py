@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # evaluation.py imports torch; this module needs only the report's rows
-    from .evaluation import EvaluationReport
+    from .evaluate import EvaluationReport
 
 TASK = "zeroshot_classification"
 

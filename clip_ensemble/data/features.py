@@ -20,8 +20,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .placement import run_per_device
-from .processing_clip_ensemble import ImageInput, load_images
+from ..models.placement import run_per_device
+from ..models.processing_clip_ensemble import ImageInput, load_images
 
 
 def default_cache_dir() -> Path:

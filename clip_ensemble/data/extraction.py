@@ -23,11 +23,11 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
-from .backbones import Backbone
-from .configuration_clip_ensemble import _normalize_backbone
-from .data import load_labelled_data
+from ..backbones.base import Backbone
+from ..models.configuration_clip_ensemble import _normalize_backbone
+from ..models.placement import load_backbones
 from .features import FeatureCache, image_fingerprint
-from .placement import load_backbones
+from .labelled import load_labelled_data
 
 
 @dataclass

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .configuration_clip_ensemble import CLIPEnsembleConfig
 
-if TYPE_CHECKING:  # evaluation.py imports the model, which imports this module
-    from .evaluation import EvaluationReport
-
 _MAX_LABELS_SHOWN = 50
+
+
+class CardEvaluation(Protocol):
+    """What the card needs of an evaluation (`clip_ensemble.EvaluationReport` is one): plain data, so that the model
+    never imports the evaluation stage."""
+
+    def card_entry(self) -> dict:
+        """Keys: dataset, split, backbones, label_names, gate_method, results (one dict per method: method, top1,
+        top5, mean_per_class_recall as fractions) and table (Markdown)."""
 
 
 def _is_repo_id(name: str) -> bool:
@@ -35,15 +41,20 @@ def _calibration_rows(calibration: dict) -> list[str]:
     return rows
 
 
-def eval_results(report: EvaluationReport) -> list[EvalResult]:
-    """The gate's top-1 and top-5 accuracy and mean per-class recall on the report's dataset (fractions), as the
-    Hub's model-index entries."""
-    row = next(row for row in report.rows() if row["method"] == report.gate_method)
+def as_card_entry(evaluation: CardEvaluation | dict) -> dict:
+    """An evaluation as the card takes it: a `card_entry()` dict."""
+    return evaluation if isinstance(evaluation, dict) else evaluation.card_entry()
+
+
+def eval_results(entry: dict) -> list[EvalResult]:
+    """The gate's top-1 and top-5 accuracy and mean per-class recall on an evaluation's dataset (fractions), as the
+    Hub's model-index entries; `entry` is a `card_entry()` dict."""
+    row = next(row for row in entry["results"] if row["method"] == entry["gate_method"])
     dataset = {
         "task_type": "image-classification",
-        "dataset_type": report.dataset,
-        "dataset_name": report.dataset,
-        "dataset_split": report.split,
+        "dataset_type": entry["dataset"],
+        "dataset_name": entry["dataset"],
+        "dataset_split": entry["split"],
     }
     return [
         EvalResult(**dataset, metric_type="accuracy", metric_name="Top-1 accuracy", metric_value=round(row["top1"], 4)),
@@ -62,20 +73,21 @@ def eval_results(report: EvaluationReport) -> list[EvalResult]:
 def build_model_card(
     config: CLIPEnsembleConfig,
     repo_id: str | None = None,
-    evaluations: Sequence[EvaluationReport] = (),
+    evaluations: Sequence[CardEvaluation | dict] = (),
     backbone_gflops: Sequence[float] | None = None,
 ) -> ModelCard:
     """A card listing the backbones, labels, gate and calibration, with the code that loads the ensemble.
 
-    Each of `evaluations` adds the gate's results to the card's metadata (the Hub's model-index) and its table of
+    Each of `evaluations` (an `EvaluationReport` or its `card_entry()` dict) adds the gate's results to the card's metadata (the Hub's model-index) and its table of
     every method to the card's text. `backbone_gflops` (measured, `model.backbone_gflops`) fills a cost column.
     """
     names = config.backbone_names
-    for index, report in enumerate(evaluations):
-        if report.backbones != names or report.label_names != config.labels:
+    evaluations = [as_card_entry(evaluation) for evaluation in evaluations]
+    for index, entry in enumerate(evaluations):
+        if entry["backbones"] != names or entry["label_names"] != config.labels:
             raise ValueError(
-                f"evaluations[{index}] ({report.dataset}) scored backbones {report.backbones} on "
-                f"{len(report.label_names)} labels, but this model has backbones {names} and {len(config.labels)} "
+                f"evaluations[{index}] ({entry['dataset']}) scored backbones {entry['backbones']} on "
+                f"{len(entry['label_names'])} labels, but this model has backbones {names} and {len(config.labels)} "
                 "labels; pass evaluations of this model with its current labels."
             )
     hub_backbones = [name for name in names if _is_repo_id(name)]
@@ -86,7 +98,7 @@ def build_model_card(
         base_model=hub_backbones or None,
         # model-index entries need a model name; the repo's, else the library's.
         model_name=(repo_id.split("/")[-1] if repo_id else "clip-ensemble") if evaluations else None,
-        eval_results=[result for report in evaluations for result in eval_results(report)] or None,
+        eval_results=[result for entry in evaluations for result in eval_results(entry)] or None,
     )
     gflops = [f"{g:.4g}" for g in backbone_gflops] if backbone_gflops is not None else ["n/a"] * len(names)
     rows = "\n".join(
@@ -119,7 +131,7 @@ def build_model_card(
     else:
         calibration = "Not calibrated: the gate gives every backbone the same weight (plain logit averaging)."
     if evaluations:
-        tables = "\n\n".join(report.table() for report in evaluations)
+        tables = "\n\n".join(entry["table"] for entry in evaluations)
         evaluation = (
             f"{tables}\n\nAccuracies in percent. The best single backbone is chosen on the calibration data; the "
             "oracle counts an image as right when any backbone is (an upper bound)."
@@ -173,7 +185,7 @@ print(model.classify(["image.jpg"], top_k=5))
 ```
 
 or as a transformers pipeline (which `evaluate` can score on a Hub dataset with
-`clip_ensemble.evaluate_modules.CLIPEnsembleEvaluator`):
+`clip_ensemble.evaluation.evaluate_modules.CLIPEnsembleEvaluator`):
 
 ```python
 from transformers import pipeline
@@ -186,4 +198,4 @@ print(classifier("image.jpg"))
     return ModelCard(content)
 
 
-__all__ = ["build_model_card", "eval_results"]
+__all__ = ["CardEvaluation", "as_card_entry", "build_model_card", "eval_results"]

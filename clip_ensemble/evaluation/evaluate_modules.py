@@ -1,10 +1,10 @@
 """The `evaluate` library's side: metric modules that work offline, and an evaluator that keeps rankings.
 
 `evaluate.load("accuracy")` fetches the metric's script from the Hub; these `evaluate.Metric` subclasses live in the
-package, compute with `clip_ensemble.metrics`, and plug into `evaluate.combine` and evaluators alike:
+package, compute with `clip_ensemble.evaluation.metrics`, and plug into `evaluate.combine` and evaluators alike:
 
 ```python
->>> from clip_ensemble.evaluate_modules import CLIPEnsembleEvaluator
+>>> from clip_ensemble.evaluation.evaluate_modules import CLIPEnsembleEvaluator
 
 >>> CLIPEnsembleEvaluator(ranked=True).compute(model_or_pipeline="me/eurosat-gate", data="tanganke/eurosat", split="test")
 {'accuracy': 0.91, 'top_5_accuracy': 0.99, 'mean_per_class_recall': 0.9, 'total_time_in_seconds': ...}
@@ -21,9 +21,9 @@ import torch
 from evaluate.evaluator import ImageClassificationEvaluator
 from transformers import Pipeline, pipeline
 
+from ..models.modeling_clip_ensemble import CLIPEnsembleModel
+from ..pipelines import CLIPEnsemblePipeline
 from .metrics import mean_per_class_recall, top_k_accuracy
-from .modeling_clip_ensemble import CLIPEnsembleModel
-from .pipeline import CLIPEnsemblePipeline
 
 # Each example's prediction is a ranked list of label ids (best first) or a single label id.
 _RANKED = datasets.Features(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .backbones import Backbone
+from .base import Backbone
 
 
 def build_zero_shot_classifier(

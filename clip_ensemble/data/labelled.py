@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .processing_clip_ensemble import ImageInput
-from .sources import check_path_or_hub_id, require_hub
+from ..models.processing_clip_ensemble import ImageInput
+from ..sources import check_path_or_hub_id, require_hub
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _IMAGE_COLUMNS = ("image", "img", "picture", "pixel_values")

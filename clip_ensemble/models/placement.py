@@ -35,7 +35,8 @@ from accelerate.utils import (
     offload_state_dict,
 )
 
-from .backbones import Backbone, backbone_class, load_backbone
+from ..backbones.base import Backbone
+from ..backbones.loading import backbone_class, load_backbone
 
 STRATEGIES = ("auto", "balanced", "sequential")
 Device = int | str  # an accelerator index, "mps", "cpu" or "disk"

@@ -25,10 +25,10 @@ from transformers import (
 )
 from transformers.pipelines import PIPELINE_REGISTRY, ZeroShotImageClassificationPipeline
 
-from .configuration_clip_ensemble import CLIPEnsembleConfig
-from .modeling_clip_ensemble import CLIPEnsembleModel
-from .processing_clip_ensemble import ImageInput
-from .templates import TEMPLATE_SETS
+from .backbones.templates import TEMPLATE_SETS
+from .models.configuration_clip_ensemble import CLIPEnsembleConfig
+from .models.modeling_clip_ensemble import CLIPEnsembleModel
+from .models.processing_clip_ensemble import ImageInput
 
 ZERO_SHOT_TASK = "zero-shot-image-classification"
 
@@ -152,7 +152,7 @@ class CLIPEnsembleZeroShotPipeline(_EnsemblePipeline):
 
     ```python
     >>> from transformers import pipeline
-    >>> import clip_ensemble.pipeline  # registers the task for saved ensembles
+    >>> import clip_ensemble.pipelines  # registers the task for saved ensembles
 
     >>> classifier = pipeline("zero-shot-image-classification", model="me/my-gate")
     >>> classifier("cat.jpg", candidate_labels=["cat", "dog", "bird"], hypothesis_template="a photo of a {}.")
@@ -160,7 +160,7 @@ class CLIPEnsembleZeroShotPipeline(_EnsemblePipeline):
     ```
 
     `hypothesis_template` is one template with `{}`, a list of them (each backbone's head averages over them), or
-    a set name from `clip_ensemble.templates.TEMPLATE_SETS`; by default the ensemble's own templates (not
+    a set name from `clip_ensemble.backbones.templates.TEMPLATE_SETS`; by default the ensemble's own templates (not
     transformers' "This is a photo of {}."). Zero-shot heads are cached per (labels, templates) by the model, so a
     label set seen before costs no text forward pass. The model's own labels are left as they were.
     """

@@ -1,0 +1,49 @@
+"""The app's verdicts, in plain words: what a calibration kept, and how an evaluation came out."""
+
+from __future__ import annotations
+
+from ..calibration.calibrate import CalibrationReport
+from ..evaluation.evaluate import EvaluationReport
+
+
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def calibration_verdict(report: CalibrationReport) -> str:
+    """The calibration report's verdict in plain words, first: what calibration kept and why."""
+    return f"Verdict: {report.verdict()}"
+
+
+def verdict(report: EvaluationReport) -> str:
+    """Plain words on an evaluation: does the gate beat plain averaging and the best single backbone here, by how much."""
+    top1 = {row["method"]: row["top1"] for row in report.rows()}
+    gate = top1.get(report.gate_method)
+    averaging = top1.get("mean of logits")
+    backbones = {name: top1[name] for name in report.backbones if name in top1}
+    if report.best_single in backbones:
+        best_name, best_what = report.best_single, "the backbone chosen on the calibration data"
+    else:
+        best_name = max(backbones, key=backbones.get)
+        best_what = "the best backbone on these images (picked with their labels: a generous comparison)"
+    best = backbones[best_name]
+    n = len(report.labels)
+
+    def versus(name: str, accuracy: float) -> str:
+        diff = 100 * (gate - accuracy)
+        if abs(diff) < 1e-9:
+            return f"ties with {name} ({_percent(accuracy)})"
+        return f"{'beats' if diff > 0 else 'loses to'} {name} ({_percent(accuracy)}) by {abs(diff):.1f} points"
+
+    head = (
+        f"**Verdict on {n} images:** the gate scores {_percent(gate)} top-1; it {versus('plain averaging', averaging)}"
+    )
+    head += f" and {versus(f'{best_what}, {best_name},', best)}."
+    if report.gate_method != "gate":
+        head += " The gate is not calibrated: it is plain averaging. Calibrate it first to compare."
+    if n < 50:
+        head += f" With {n} images, one image is {100 / n:.1f} points: treat small differences as noise."
+    return head
+
+
+__all__ = ["calibration_verdict", "verdict"]
