@@ -64,24 +64,26 @@ GATE = "gate"
 
 # Static weights: softplus(b) per backbone (the gate's output bias, its output weights zero), fitted to convergence
 # by full-batch L-BFGS on cross-entropy + penalty * ||weights - 1/B||^2. The penalty is chosen by cross-validation
-# among these, strongest first; each fit starts from the previous one (inf: equal weights, plain averaging).
-STATIC_PENALTIES = (math.inf, 1.0, 0.1, 0.01, 0.001)
+# among these, strongest first, a factor of about 30 apart; each fit starts from the previous one (inf: equal weights,
+# plain averaging).
+STATIC_PENALTIES = (math.inf, 1.0, 0.03, 0.001)
 # The gate: its hidden layer is set to the principal directions of the calibration embeddings (both signs, so that
 # the ReLU passes every projection), and its output layer is fitted by full-batch L-BFGS on cross-entropy +
 # penalty * ||output weights||^2 + the static weights' penalty on its output bias. The penalty is chosen by
-# cross-validation among these, strongest first, from the static weights (inf).
-GATE_PENALTIES = (math.inf, 10.0, 1.0, 0.1, 0.01)
-MAX_ITER = 25  # L-BFGS iterations per fit
-# Training on many classes keeps, per image, the classes that some backbone ranks high (and its label): the others
-# have a negligible probability under any combination. Scoring always uses every class.
-TRAIN_CLASSES = 32
-RESTRICT_CLASSES_FROM = 20_000_000  # elements of the (n, B, C) logits
+# cross-validation among these, strongest first, from the static weights (inf: the gate is static weights). The
+# weakest reaches further than for static weights: the gate has more to route with when the backbones are right on
+# different images.
+GATE_PENALTIES = (math.inf, 1.0, 0.03, 0.001, 0.0001)
+MAX_ITER = 20  # L-BFGS iterations per fit (each fit starts from the previous penalty's)
+# Training on more classes than this keeps, per image, the classes that some backbone ranks high (and its label): the
+# others have a negligible probability under any combination. Scoring always uses every class.
+TRAIN_CLASSES = 16
 # From this many calibration examples on, one held-out quarter replaces k-fold cross-validation: the estimate is
 # already precise, and paper-scale calibration (16,000 examples) stays within seconds.
 SINGLE_SPLIT_FROM = 2000
-PCA_ROWS = 2048
+PCA_ROWS = 2048  # principal directions are computed on at most this many calibration embeddings
 # A candidate replaces a simpler one when right more often out of fold by this many standard errors (McNemar z).
-MIN_WIN_Z = 1.0  # principal directions are computed on at most this many calibration embeddings
+MIN_WIN_Z = 1.0
 
 
 class OutOfFold(NamedTuple):
@@ -183,7 +185,7 @@ def _principal_layer(gate_inputs: torch.Tensor, hidden_size: int, seed: int) -> 
 def _training_view(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, B, C) logits and (n,) labels to train on: when large, each image's `TRAIN_CLASSES` classes with the best
     probability under some backbone (its own label among them), as (n, B, K) logits and (n,) positions in them."""
-    if logits.numel() < RESTRICT_CLASSES_FROM or logits.shape[-1] <= TRAIN_CLASSES:
+    if logits.shape[-1] <= TRAIN_CLASSES:
         return logits, labels
     best_probability = logits.log_softmax(-1).amax(1)  # (n, C)
     best_probability[torch.arange(len(labels)), labels] = math.inf  # the label is always kept
@@ -258,15 +260,29 @@ def _pick(correct: torch.Tensor, losses: torch.Tensor) -> int:
     return int(tied[losses[tied].mean(1).argmin()])
 
 
-def _beats(correct: torch.Tensor, incumbent_correct: torch.Tensor, loss: torch.Tensor, incumbent_loss: torch.Tensor):
-    """Whether a challenger beats the incumbent on the same held-out examples ((n,) hits and losses each): right more
-    often, by more than `MIN_WIN_Z` standard errors of the count of images they disagree on (a McNemar z), or right
-    exactly as often with a cross-entropy lower by more than one standard error. A guard against choosing the more
-    complex model on noise: one image more out of twenty is not evidence."""
+def _beats(
+    correct: torch.Tensor,
+    incumbent_correct: torch.Tensor,
+    loss: torch.Tensor,
+    incumbent_loss: torch.Tensor,
+    nests: bool,
+) -> bool:
+    """Whether a challenger beats the incumbent on the same held-out examples ((n,) hits and losses each).
+
+    By top-1: right more often, by more than `MIN_WIN_Z` standard errors of the count of images they disagree on (a
+    McNemar z): one image more out of twenty is not evidence. Otherwise, for a fitted combination that contains the
+    incumbent (`nests`: static weights and the gate contain plain averaging, the gate contains static weights), by
+    cross-entropy: lower by more than one standard error of the paired difference while right at least as often, as
+    a richer model is judged by its likelihood as well as its answers. The best backbone, one discrete pick that drops
+    the other backbones, is judged by its answers alone: its cross-entropy, from the few images a single backbone
+    gets wrong, says little about the images it has not seen.
+    """
     wins = int((correct & ~incumbent_correct).sum())
     losses = int((incumbent_correct & ~correct).sum())
-    if wins != losses:
-        return (wins - losses) / math.sqrt(wins + losses) > MIN_WIN_Z
+    if wins > losses and (wins - losses) / math.sqrt(wins + losses) > MIN_WIN_Z:
+        return True
+    if wins < losses or not nests:
+        return False
     gain = incumbent_loss - loss
     return bool(gain.mean() > gain.std(correction=0) / math.sqrt(len(gain)))
 
@@ -284,8 +300,10 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     the strongest; cross-validation chooses the penalty (the most out-of-fold hits, ties by cross-entropy). The best
     backbone is chosen on each fold's training part; averaging and the best backbone are scored at an inverse
     temperature fitted there. Each candidate in turn replaces the one kept so far when it is right more often out of
-    fold by more than one standard error of the paired difference, or as often with a cross-entropy lower by more
-    than one standard error. The chosen candidate is refitted on all the examples. From `SINGLE_SPLIT_FROM`
+    fold by more than one standard error (a McNemar z above `MIN_WIN_Z`), or else when its out-of-fold
+    cross-entropy is lower by more than one standard error of the paired difference and it is right at least as
+    often (static weights and the gate, which contain plain averaging and one another; the best backbone needs the
+    top-1 evidence). The chosen candidate is refitted on all the examples. From `SINGLE_SPLIT_FROM`
     examples on, one held-out quarter is scored instead of k folds. The chosen candidate's out-of-fold answers come
     back in `GateChoice.out_of_fold` (the cascade fits its stopping rule on them).
     """
@@ -346,8 +364,11 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     for name in (STATIC_WEIGHTS, GATE):
         losses[name] = nn.functional.cross_entropy(held_out[name], labels, reduction="none")
     chosen = MEAN_OF_LOGITS
-    for name in (BEST_BACKBONE, STATIC_WEIGHTS, GATE):
-        if _beats(correct[name][scored], correct[chosen][scored], losses[name][scored], losses[chosen][scored]):
+    # At the infinite penalty static weights are plain averaging and the gate is static weights: no challenger.
+    fitted = [name for name, index in ((STATIC_WEIGHTS, static_index), (GATE, gate_index)) if index > 0]
+    for name in (BEST_BACKBONE, *fitted):
+        nests = name in (STATIC_WEIGHTS, GATE)
+        if _beats(correct[name][scored], correct[chosen][scored], losses[name][scored], losses[chosen][scored], nests):
             chosen = name
 
     settings: dict = {}
