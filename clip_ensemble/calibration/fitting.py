@@ -81,7 +81,7 @@ TRAIN_CLASSES = 16
 # From this many calibration examples on, one held-out quarter replaces k-fold cross-validation: the estimate is
 # already precise, and paper-scale calibration (16,000 examples) stays within seconds.
 SINGLE_SPLIT_FROM = 2000
-PCA_ROWS = 2048  # principal directions are computed on at most this many calibration embeddings
+PCA_ROWS = 1024  # principal directions are computed on at most this many calibration embeddings
 # A candidate replaces a simpler one when right more often out of fold by this many standard errors (McNemar z).
 MIN_WIN_Z = 1.0
 
@@ -317,18 +317,26 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     single_correct = features.logits.argmax(-1) == labels[:, None]  # (n, B)
     best = int(single_correct.float().mean(0).argmax())
     mean_logits = features.logits.mean(1)  # (n, C)
+    scored_labels, num_classes = labels[scored], features.logits.shape[-1]
+    row = torch.full((n,), -1, dtype=torch.long, device=device)  # example -> its row among the scored ones
+    row[scored] = torch.arange(len(scored), device=device)
+    # The classes to train on, per image, once for all folds (every class unless there are many).
+    view_logits, view_labels = _training_view(features.logits, labels)
 
-    # Out-of-fold (n, C) combined logits per candidate (and per penalty for the fitted ones); rows outside `scored`
-    # stay zero. The untrained candidates' cross-entropy is taken at an inverse temperature fitted on the training
-    # part (it changes none of their answers), so that it compares with the fitted candidates' learnt scale.
-    held_out = {name: torch.zeros_like(mean_logits) for name in (MEAN_OF_LOGITS, BEST_BACKBONE)}
-    losses = {name: torch.zeros(n, device=device) for name in held_out}
+    # Out-of-fold (m, C) combined logits of the m scored examples per candidate (and per penalty for the fitted ones).
+    # The untrained candidates' cross-entropy is taken at an inverse temperature fitted on the training part (it
+    # changes none of their answers), so that it compares with the fitted candidates' learnt scale.
+    held_out = {name: mean_logits.new_zeros(len(scored), num_classes) for name in (MEAN_OF_LOGITS, BEST_BACKBONE)}
+    losses = {name: torch.zeros(len(scored), device=device) for name in held_out}
     for fold, train in zip(folds, trains):
         train_best = int(single_correct[train].float().mean(0).argmax())
-        for name, logits in ((MEAN_OF_LOGITS, mean_logits), (BEST_BACKBONE, features.logits[:, train_best])):
-            held_out[name][fold] = logits[fold]
-            scale = _fit_inverse_temperature(logits[train], labels[train])
-            losses[name][fold] = nn.functional.cross_entropy(scale * logits[fold], labels[fold], reduction="none")
+        for name, logits, view in (
+            (MEAN_OF_LOGITS, mean_logits, view_logits.mean(1)),
+            (BEST_BACKBONE, features.logits[:, train_best], view_logits[:, train_best]),
+        ):
+            held_out[name][row[fold]] = logits[fold]
+            scale = _fit_inverse_temperature(view[train], view_labels[train])
+            losses[name][row[fold]] = nn.functional.cross_entropy(scale * logits[fold], labels[fold], reduction="none")
 
     with torch.no_grad():
         fc1_weight, fc1_bias = _principal_layer(features.gate_inputs, gate.fc1.out_features, seed)
@@ -337,18 +345,19 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     equal = _Fit(None, gate.fc2.bias.detach().clone())
 
     def cross_validate(penalties: Sequence[float], starts: list[_Fit], bias_penalty: float | None = None):
-        """(P, n, C) out-of-fold logits per penalty, and each fold's path (one fit per penalty)."""
-        out, paths = torch.zeros(len(penalties), *mean_logits.shape, device=device), []
+        """(P, m, C) out-of-fold logits of the scored examples per penalty, and each fold's path (one fit per
+        penalty)."""
+        out, paths = mean_logits.new_zeros(len(penalties), len(scored), num_classes), []
         for fold, train, start in zip(folds, trains, starts):
-            logits, train_labels = _training_view(features.logits[train], labels[train])
-            paths.append(_fit_path(gate, hidden[train], logits, train_labels, penalties, start, bias_penalty))
+            fit_on = (hidden[train], view_logits[train], view_labels[train])
+            paths.append(_fit_path(gate, *fit_on, penalties, start, bias_penalty))
             for p, fit in enumerate(paths[-1]):
-                out[p, fold] = _held_out(gate, fit, hidden[fold], features.logits[fold])
+                out[p, row[fold]] = _held_out(gate, fit, hidden[fold], features.logits[fold])
         return out, paths
 
     def choose(out: torch.Tensor) -> int:
-        correct = out[:, scored].argmax(-1) == labels[scored]
-        loss = torch.stack([nn.functional.cross_entropy(o[scored], labels[scored], reduction="none") for o in out])
+        correct = out.argmax(-1) == scored_labels
+        loss = torch.stack([nn.functional.cross_entropy(o, scored_labels, reduction="none") for o in out])
         return _pick(correct, loss)
 
     static_out, static_paths = cross_validate(STATIC_PENALTIES, [equal] * len(folds))
@@ -360,15 +369,15 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     gate_index = choose(gate_out)
     held_out[STATIC_WEIGHTS], held_out[GATE] = static_out[static_index], gate_out[gate_index]
 
-    correct = {name: logits.argmax(-1) == labels for name, logits in held_out.items()}
+    correct = {name: logits.argmax(-1) == scored_labels for name, logits in held_out.items()}
     for name in (STATIC_WEIGHTS, GATE):
-        losses[name] = nn.functional.cross_entropy(held_out[name], labels, reduction="none")
+        losses[name] = nn.functional.cross_entropy(held_out[name], scored_labels, reduction="none")
     chosen = MEAN_OF_LOGITS
     # At the infinite penalty static weights are plain averaging and the gate is static weights: no challenger.
     fitted = [name for name, index in ((STATIC_WEIGHTS, static_index), (GATE, gate_index)) if index > 0]
     for name in (BEST_BACKBONE, *fitted):
         nests = name in (STATIC_WEIGHTS, GATE)
-        if _beats(correct[name][scored], correct[chosen][scored], losses[name][scored], losses[chosen][scored], nests):
+        if _beats(correct[name], correct[chosen], losses[name], losses[chosen], nests):
             chosen = name
 
     settings: dict = {}
@@ -376,7 +385,7 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
         torch.manual_seed(seed)
         gate.reset_parameters()
     if chosen in (STATIC_WEIGHTS, GATE):
-        logits, train_labels = _training_view(features.logits, labels)
+        logits, train_labels = view_logits, view_labels
         fit = _fit_path(gate, hidden, logits, train_labels, STATIC_PENALTIES[: static_index + 1], equal)[-1]
         settings = {"optimizer": "L-BFGS", "penalty": static_penalty}
         if chosen == GATE:
@@ -394,16 +403,16 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     elif chosen == BEST_BACKBONE:
         set_best_backbone(gate, best)
     gate.eval()
-    fold_accuracy = {name: [float(hits[fold].float().mean()) for fold in folds] for name, hits in correct.items()}
+    fold_accuracy = {name: [float(hits[row[fold]].float().mean()) for fold in folds] for name, hits in correct.items()}
     return GateChoice(
         chosen=chosen,
-        cv_loss={name: float(loss[scored].mean()) for name, loss in losses.items()},
+        cv_loss={name: float(loss.mean()) for name, loss in losses.items()},
         cv_accuracy={name: float(np.mean(values)) for name, values in fold_accuracy.items()},
         cv_spread={name: float(np.std(values)) for name, values in fold_accuracy.items()},
         num_folds=len(folds),
         settings=settings,
         best_backbone=best,
-        out_of_fold=OutOfFold.of(scored, held_out[chosen][scored]),
+        out_of_fold=OutOfFold.of(scored, held_out[chosen]),
     )
 
 
