@@ -5,7 +5,7 @@
     python app.py --backbones openai-vit --port 7861
     python app.py --backbones toy/toy-clip-* --examples toy   # the offline toy backbones, with example images
 
-The page's logic lives in `clip_ensemble/app_logic.py`; this file only lays it out. Each browser session has its own
+The page's logic lives in `clip_ensemble/app/`; this file only lays it out. Each browser session has its own
 gate, kept on the server (only idleness removes it) and in the browser (a reload restores it); the backbones are
 loaded once and shared.
 """

@@ -218,12 +218,9 @@ def test_demo_runs_offline_on_the_digits_task(digits_backbone_dirs, tmp_path, ca
 
 
 def test_set_resolution_spells_the_backbone_prefixes_as_the_backbones_do():
-    from clip_ensemble import backbones, hub_configs
+    from clip_ensemble.backbones import base, hub_configs
 
-    assert (hub_configs.HF_HUB_PREFIX, hub_configs.LOCAL_DIR_PREFIX) == (
-        backbones.HF_HUB_PREFIX,
-        backbones.LOCAL_DIR_PREFIX,
-    )
+    assert (hub_configs.HF_HUB_PREFIX, hub_configs.LOCAL_DIR_PREFIX) == (base.HF_HUB_PREFIX, base.LOCAL_DIR_PREFIX)
 
 
 def test_calibrate_within_a_budget_with_a_cascade_and_predict_shows_the_cost(

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..sources import check_path_or_hub_id
 
-# `clip_ensemble.backbones.HF_HUB_PREFIX` and `LOCAL_DIR_PREFIX` (OpenCLIP ids), spelt here so that listing and
+# `clip_ensemble.backbones.base.HF_HUB_PREFIX` and `LOCAL_DIR_PREFIX` (OpenCLIP ids), spelt here so that listing and
 # resolving sets imports no torch: `clip-ensemble configs` and argument errors answer at once.
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"

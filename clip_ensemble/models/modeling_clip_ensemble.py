@@ -487,8 +487,11 @@ class CLIPEnsembleModel(PreTrainedModel):
         `device_map`, `max_memory`, `offload_folder` and `dtype` (alias `torch_dtype`) place the backbones as in
         `from_backbones`; other keyword arguments go to each backbone's `from_pretrained`.
         """
+        # What AutoModel passes for the ensemble's own repo (and transformers' private keys such as `_from_auto`, which
+        # a backbone's AutoModel sets itself) is not for the backbones.
         for hub_only in ("force_download", "proxies", "subfolder", "trust_remote_code"):
             backbone_kwargs.pop(hub_only, None)
+        backbone_kwargs = {key: value for key, value in backbone_kwargs.items() if not key.startswith("_")}
         hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
         saved = read_saved_gate(pretrained_model_name_or_path, **hub)
         if config is None:

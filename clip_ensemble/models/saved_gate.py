@@ -130,7 +130,7 @@ def read_saved_gate(
         folder, source_name = Path(source), f"'{source}'"
         files = {name: folder / name for name in GATE_FILES if (folder / name).is_file()}
         found = {name: _read(path, limits[name]) for name, path in files.items()}
-    elif isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".zip":
+    elif isinstance(source, (str, os.PathLike)) and Path(source).is_file() and Path(source).suffix.lower() == ".zip":
         source_name = f"'{Path(source).name}'"
         found = _from_zip(Path(source), limits)
         fix = "zip the folder `save_pretrained` wrote"
@@ -138,12 +138,12 @@ def read_saved_gate(
         from huggingface_hub import hf_hub_download
 
         source_name = f"the Hub repo {source}"
-        paths = {
-            name: Path(hf_hub_download(str(source), name, **hub_kwargs)) for name in (CONFIG_NAME, GATE_WEIGHTS_NAME)
-        }
-        if _parse_config(_read(paths[CONFIG_NAME], max_config_bytes), source_name).get("cascade") is not None:
-            paths[CASCADE_WEIGHTS_NAME] = Path(hf_hub_download(str(source), CASCADE_WEIGHTS_NAME, **hub_kwargs))
-        found = {name: _read(path, limits[name]) for name, path in paths.items()}
+        found = {CONFIG_NAME: _read(Path(hf_hub_download(str(source), CONFIG_NAME, **hub_kwargs)), max_config_bytes)}
+        weights = [GATE_WEIGHTS_NAME]
+        if _parse_config(found[CONFIG_NAME], source_name).get("cascade") is not None:
+            weights.append(CASCADE_WEIGHTS_NAME)
+        for name in weights:
+            found[name] = _read(Path(hf_hub_download(str(source), name, **hub_kwargs)), max_weights_bytes)
     else:
         files = [Path(f) for f in source]
         names = sorted(f.name for f in files)

@@ -15,7 +15,7 @@ from clip_ensemble.backbones.hub_configs import (
     resolve_backbones,
 )
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "hub_configs"
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "hub_configs"
 PAPER_BACKBONES = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"]
 
 

@@ -28,7 +28,7 @@ from clip_ensemble.app.sessions import GateStore
 from clip_ensemble.app.uploads import MAX_UPLOAD_LABELS
 from clip_ensemble.tasks import TOY_CLASSES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LABELS = ", ".join(TOY_CLASSES)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
