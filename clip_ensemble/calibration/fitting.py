@@ -4,6 +4,7 @@ from the calibration data alone."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,21 +68,24 @@ GATE = "gate"
 # among these, strongest first, a factor of about 30 apart; each fit starts from the previous one (inf: equal weights,
 # plain averaging).
 STATIC_PENALTIES = (math.inf, 1.0, 0.03, 0.001)
-# The gate: its hidden layer is set to the principal directions of the calibration embeddings (both signs, so that
-# the ReLU passes every projection), and its output layer is fitted by full-batch L-BFGS on cross-entropy +
-# penalty * ||output weights||^2 + the static weights' penalty on its output bias. The penalty is chosen by
-# cross-validation among these, strongest first, from the static weights (inf: the gate is static weights). The
-# weakest reaches further than for static weights: the gate has more to route with when the backbones are right on
-# different images.
-GATE_PENALTIES = (math.inf, 1.0, 0.03, 0.001, 0.0001)
 MAX_ITER = 20  # L-BFGS iterations per fit (each fit starts from the previous penalty's)
-# Training on more classes than this keeps, per image, the classes that some backbone ranks high (and its label): the
-# others have a negligible probability under any combination. Scoring always uses every class.
+# Training static weights on more classes than this keeps, per image, the classes that some backbone ranks high (and
+# its label): the others have a negligible probability under any weights. Scoring always uses every class.
 TRAIN_CLASSES = 16
-# From this many calibration examples on, one held-out quarter replaces k-fold cross-validation: the estimate is
-# already precise, and paper-scale calibration (16,000 examples) stays within seconds.
+# The gate, as the paper trains it: AdamW on mini-batches from its initialisation, for a number of steps chosen by
+# cross-validation among STEP_CHOICES (fewer steps stay closer to where it starts); the learning rate, weight decay
+# and batch size are fixed. It starts from the static weights that cross-validation chose (plain averaging when
+# those are equal weights), so the image-dependent part is what the steps learn.
+STEP_CHOICES = (10, 25, 50, 100, 200, 400, 800)
+LEARNING_RATE = 1e-3
+WEIGHT_DECAY = 0.01
+BATCH_SIZE = 128
+# The gate's path stops when the held-out cross-entropy has risen at this many checkpoints in a row.
+PATIENCE = 2
+# From this many calibration examples on, one held-out quarter replaces k-fold cross-validation (the gate trained on
+# the other three quarters is kept as it is): the estimate is already precise, and paper-scale calibration (16,000
+# examples) stays within seconds.
 SINGLE_SPLIT_FROM = 2000
-PCA_ROWS = 1024  # principal directions are computed on at most this many calibration embeddings
 # A candidate replaces a simpler one when right more often out of fold by this many standard errors (McNemar z).
 MIN_WIN_Z = 1.0
 
@@ -161,27 +165,6 @@ def _lbfgs(parameters: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor]) 
         optimizer.step(closure)
 
 
-def _principal_layer(gate_inputs: torch.Tensor, hidden_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A hidden layer (weight (H, D), bias (H,)) whose units are ReLU(+-p_j) for the projections p_j of the centred
-    embeddings on their top H // 2 principal directions (fewer when the embeddings span fewer), scaled so that the
-    first has unit spread; unused units are zero. Label-free: computed once from all calibration embeddings."""
-    x = gate_inputs.float()
-    if len(x) > PCA_ROWS:  # a fixed random subset: the directions of the embeddings, not of these examples
-        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:PCA_ROWS].to(x.device)]
-    mean = x.mean(0)
-    rank = min(hidden_size // 2, len(x) - 1, x.shape[1])
-    weight = torch.zeros(hidden_size, x.shape[1], device=x.device)
-    if rank > 0:
-        with torch.random.fork_rng(devices=[]):  # svd_lowrank draws a random sketch; keep the caller's RNG as it is
-            torch.manual_seed(seed)
-            _, spread, directions = torch.svd_lowrank(x - mean, q=min(rank + 8, *x.shape), niter=2)
-        spread, directions = spread[:rank], directions[:, :rank]  # (r,), (D, r)
-        keep = spread > 1e-4 * spread[0]  # directions the embeddings actually span
-        scaled = (directions[:, keep] / (spread[0] / math.sqrt(len(x)))).T  # (r', D)
-        weight[: 2 * len(scaled)] = torch.cat([scaled, -scaled])
-    return weight, -weight @ mean
-
-
 def _training_view(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, B, C) logits and (n,) labels to train on: when large, each image's `TRAIN_CLASSES` classes with the best
     probability under some backbone (its own label among them), as (n, B, K) logits and (n,) positions in them."""
@@ -193,63 +176,109 @@ def _training_view(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return logits.gather(2, kept[:, None].expand(-1, logits.shape[1], -1)), torch.zeros_like(labels)
 
 
-@dataclass
-class _Fit:
-    """One fitted static-weights or gate combination: output-layer scores = bias + hidden @ weight.T."""
-
-    weight: torch.Tensor | None  # (B, H); None for static weights
-    bias: torch.Tensor  # (B,)
-
-    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(n, H) hidden units -> (n, B) output-layer scores."""
-        if self.weight is None:
-            return self.bias.expand(len(hidden), -1)
-        return torch.addmm(self.bias, hidden, self.weight.T)
-
-
-def _fit_path(
-    gate: EnsembleGate,
-    hidden: torch.Tensor,
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    penalties: Sequence[float],
-    start: _Fit,
-    bias_penalty: float | None = None,
-) -> list[_Fit]:
-    """One fit per penalty, strongest first, each from the previous one (the first from `start`); an infinite
-    penalty keeps `start`. Static weights (`bias_penalty` None): the output bias alone, penalised toward equal
-    weights. The gate: output weights (penalised) and bias (penalised by `bias_penalty` toward equal weights)."""
+def _static_path(gate: EnsembleGate, logits: torch.Tensor, labels: torch.Tensor, penalties: Sequence[float]):
+    """(B,) output biases of static weights fitted on (n, B, C) logits, one per penalty, strongest first, each fit
+    starting from the previous one; an infinite penalty keeps equal weights (the gate's initial bias)."""
+    gate.reset_parameters()
+    bias = gate.fc2.bias.detach().clone().requires_grad_(True)
     uniform = 1.0 / logits.shape[1]
-    bias = start.bias.clone().requires_grad_(True)
-    weight = None if bias_penalty is None else torch.zeros(logits.shape[1], hidden.shape[1], device=hidden.device)
-    if weight is not None and start.weight is not None:
-        weight = start.weight.clone()
-    if weight is not None:
-        weight.requires_grad_(True)
     fitted = []
-    gate.train()  # softmax rather than hard routing while fitting
     for penalty in penalties:
         if not math.isinf(penalty):
 
             def loss(penalty: float = penalty) -> torch.Tensor:
-                current = _Fit(weight, bias)
-                weights = gate.activate(current.scores(hidden))  # (n, B)
-                fit = nn.functional.cross_entropy(combine_logits(logits, weights), labels)
-                static = gate.activate(bias) - uniform
-                if weight is None:
-                    return fit + penalty * static.pow(2).sum()
-                return fit + penalty * weight.pow(2).sum() + bias_penalty * static.pow(2).sum()
+                weights = gate.activate(bias)
+                fit = nn.functional.cross_entropy(combine_logits(logits, weights.expand(len(labels), -1)), labels)
+                return fit + penalty * (weights - uniform).pow(2).sum()
 
-            _lbfgs([bias] if weight is None else [weight, bias], loss)
-        fitted.append(_Fit(None if weight is None else weight.detach().clone(), bias.detach().clone()))
-    gate.eval()
+            _lbfgs([bias], loss)
+        fitted.append(bias.detach().clone())
     return fitted
 
 
-@torch.no_grad()
-def _held_out(gate: EnsembleGate, fit: _Fit, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """(n, C) combined logits of a fitted combination, as the deployed gate computes them (eval mode)."""
-    return combine_logits(logits, gate.activate(fit.scores(hidden)))
+def _static_logits(gate: EnsembleGate, bias: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(n, C) combined logits of (n, B, C) `logits` under the static weights of output bias `bias`."""
+    return combine_logits(logits, gate.activate(bias).expand(len(logits), -1))
+
+
+def _train_gate(
+    gate: EnsembleGate, train: Features, steps: int, start: torch.Tensor, *, seed: int, on_checkpoint=None
+) -> None:
+    """AdamW on the cross-entropy of the combined logits, from the gate's initialisation with output bias `start`
+    (static weights), for `steps` steps or until `on_checkpoint(step)` (called at each of `STEP_CHOICES`, the gate in
+    eval mode) returns True."""
+    torch.manual_seed(seed)
+    gate.reset_parameters()
+    with torch.no_grad():
+        gate.fc2.bias.copy_(start)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(gate.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    n = len(train.labels)
+    for step in range(1, steps + 1):
+        gate.train()
+        batch = train.subset(torch.randperm(n, generator=generator)[:BATCH_SIZE]) if n > BATCH_SIZE else train
+        loss = nn.functional.cross_entropy(combine_logits(batch.logits, gate(batch.gate_inputs)), batch.labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        gate.eval()
+        if on_checkpoint is not None and step in STEP_CHOICES and on_checkpoint(step):
+            break
+
+
+@dataclass
+class _GatePath:
+    """The gate's out-of-fold results at every training length that all folds reached, on the scored examples."""
+
+    predictions: dict[int, torch.Tensor]  # steps -> (m,) answers
+    margins: dict[int, torch.Tensor]  # steps -> (m,) top-1 minus top-2 combined logits
+    losses: dict[int, torch.Tensor]  # steps -> (m,) cross-entropy
+    states: dict[int, dict]  # steps -> gate state (single split only)
+    reached: list[int]
+
+
+def _cross_validate_gate(
+    gate: EnsembleGate,
+    features: Features,
+    folds: list[list[int]],
+    row: torch.Tensor,
+    starts: list[torch.Tensor],
+    *,
+    seed: int,
+    keep_states: bool,
+) -> _GatePath:
+    """Train on each fold's training part (from that fold's static weights, `starts`), scoring its held-out part at
+    every length in `STEP_CHOICES`; a fold's path stops once its held-out cross-entropy keeps rising, and later folds
+    stop where it did. `row` maps an example to its row among the scored ones."""
+    m, device = int((row >= 0).sum()), features.labels.device
+    path = _GatePath(
+        {s: torch.zeros(m, dtype=torch.long, device=device) for s in STEP_CHOICES},
+        {s: torch.zeros(m, device=device) for s in STEP_CHOICES},
+        {s: torch.zeros(m, device=device) for s in STEP_CHOICES},
+        {},
+        [],
+    )
+    last_step = STEP_CHOICES[-1]
+    everything = set(range(len(features.labels)))
+    for fold, start in zip(folds, starts):
+        train, val, rows = features.subset(sorted(everything - set(fold))), features.subset(fold), row[fold]
+        fold_losses: list[float] = []
+
+        @torch.no_grad()
+        def checkpoint(step: int, val=val, rows=rows, fold_losses=fold_losses) -> bool:
+            logits = combine_logits(val.logits, gate(val.gate_inputs))
+            path.predictions[step][rows], path.margins[step][rows] = logits.argmax(-1), margins(logits)
+            path.losses[step][rows] = nn.functional.cross_entropy(logits, val.labels, reduction="none")
+            fold_losses.append(float(path.losses[step][rows].mean()))
+            if keep_states:
+                path.states[step] = copy.deepcopy(gate.state_dict())
+            recent = fold_losses[-PATIENCE - 1 :]
+            return len(recent) > PATIENCE and all(a < b for a, b in zip(recent, recent[1:]))
+
+        _train_gate(gate, train, last_step, start, seed=seed, on_checkpoint=checkpoint)
+        last_step = min(last_step, STEP_CHOICES[len(fold_losses) - 1])
+    path.reached = [s for s in STEP_CHOICES if s <= last_step]
+    return path
 
 
 def _pick(correct: torch.Tensor, losses: torch.Tensor) -> int:
@@ -293,19 +322,20 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     The candidates, from the simplest to the richest:
     1. plain logit averaging (the gate's starting point);
     2. the best single backbone (on all the examples);
-    3. static weights: one weight per backbone, the same for every image (the gate's output bias alone);
-    4. the gate, whose weights depend on the image: its hidden layer holds the principal directions of the
-       calibration embeddings (label-free), its output layer is fitted.
-    Static weights and the gate are fitted to convergence (full-batch L-BFGS), each along a path of penalties from
-    the strongest; cross-validation chooses the penalty (the most out-of-fold hits, ties by cross-entropy). The best
-    backbone is chosen on each fold's training part; averaging and the best backbone are scored at an inverse
-    temperature fitted there. Each candidate in turn replaces the one kept so far when it is right more often out of
-    fold by more than one standard error (a McNemar z above `MIN_WIN_Z`), or else when its out-of-fold
+    3. static weights: one weight per backbone, the same for every image (the gate's output bias alone), fitted to
+       convergence by full-batch L-BFGS with a penalty toward equal weights that cross-validation chooses (the most
+       out-of-fold hits, ties by cross-entropy);
+    4. the gate, whose weights depend on the image, trained by AdamW from those static weights for a number of steps
+       that cross-validation chooses (the lowest out-of-fold cross-entropy).
+    The best backbone is chosen on each fold's training part; averaging and the best backbone are scored at an
+    inverse temperature fitted there. Each candidate in turn replaces the one kept so far when it is right more often
+    out of fold by more than one standard error (a McNemar z above `MIN_WIN_Z`), or else when its out-of-fold
     cross-entropy is lower by more than one standard error of the paired difference and it is right at least as
     often (static weights and the gate, which contain plain averaging and one another; the best backbone needs the
-    top-1 evidence). The chosen candidate is refitted on all the examples. From `SINGLE_SPLIT_FROM`
-    examples on, one held-out quarter is scored instead of k folds. The chosen candidate's out-of-fold answers come
-    back in `GateChoice.out_of_fold` (the cascade fits its stopping rule on them).
+    top-1 evidence). The chosen candidate is refitted on all the examples. From `SINGLE_SPLIT_FROM` examples on, one
+    held-out quarter is scored instead of k folds, and a chosen gate is the one trained on the other three quarters.
+    The chosen candidate's out-of-fold answers come back in `GateChoice.out_of_fold` (the cascade fits its stopping
+    rule on them).
     """
     features = Features(*features)
     labels, device = features.labels, features.labels.device
@@ -320,14 +350,16 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     scored_labels, num_classes = labels[scored], features.logits.shape[-1]
     row = torch.full((n,), -1, dtype=torch.long, device=device)  # example -> its row among the scored ones
     row[scored] = torch.arange(len(scored), device=device)
-    # The classes to train on, per image, once for all folds (every class unless there are many).
+    # The classes to fit static weights on, per image, once for all folds (every class unless there are many).
     view_logits, view_labels = _training_view(features.logits, labels)
 
-    # Out-of-fold (m, C) combined logits of the m scored examples per candidate (and per penalty for the fitted ones).
-    # The untrained candidates' cross-entropy is taken at an inverse temperature fitted on the training part (it
-    # changes none of their answers), so that it compares with the fitted candidates' learnt scale.
+    # Out-of-fold (m, C) combined logits of the m scored examples per untrained candidate (and per penalty for static
+    # weights). The untrained candidates' cross-entropy is taken at an inverse temperature fitted on the training part
+    # (it changes none of their answers), so that it compares with the fitted candidates' learnt scale.
     held_out = {name: mean_logits.new_zeros(len(scored), num_classes) for name in (MEAN_OF_LOGITS, BEST_BACKBONE)}
     losses = {name: torch.zeros(len(scored), device=device) for name in held_out}
+    static_out = mean_logits.new_zeros(len(STATIC_PENALTIES), len(scored), num_classes)
+    static_paths = []
     for fold, train in zip(folds, trains):
         train_best = int(single_correct[train].float().mean(0).argmax())
         for name, logits, view in (
@@ -337,71 +369,54 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
             held_out[name][row[fold]] = logits[fold]
             scale = _fit_inverse_temperature(view[train], view_labels[train])
             losses[name][row[fold]] = nn.functional.cross_entropy(scale * logits[fold], labels[fold], reduction="none")
+        static_paths.append(_static_path(gate, view_logits[train], view_labels[train], STATIC_PENALTIES))
+        with torch.no_grad():
+            for p, bias in enumerate(static_paths[-1]):
+                static_out[p, row[fold]] = _static_logits(gate, bias, features.logits[fold])
+    static_correct = static_out.argmax(-1) == scored_labels
+    static_losses = torch.stack([nn.functional.cross_entropy(o, scored_labels, reduction="none") for o in static_out])
+    static_index = _pick(static_correct, static_losses)
+    held_out[STATIC_WEIGHTS], losses[STATIC_WEIGHTS] = static_out[static_index], static_losses[static_index]
+    out_of_fold = {name: OutOfFold.of(scored, logits) for name, logits in held_out.items()}
 
-    with torch.no_grad():
-        fc1_weight, fc1_bias = _principal_layer(features.gate_inputs, gate.fc1.out_features, seed)
-        hidden = torch.relu(torch.addmm(fc1_bias, features.gate_inputs.float(), fc1_weight.T))  # (n, H)
-    gate.reset_parameters()
-    equal = _Fit(None, gate.fc2.bias.detach().clone())
+    # The gate, from each fold's chosen static weights.
+    starts = [path[static_index] for path in static_paths]
+    gate_path = _cross_validate_gate(gate, features, folds, row, starts, seed=seed, keep_states=single_split)
+    steps = min(gate_path.reached, key=lambda s: float(gate_path.losses[s].mean()))  # ties: the shortest
+    out_of_fold[GATE] = OutOfFold(scored, gate_path.predictions[steps], gate_path.margins[steps])
+    losses[GATE] = gate_path.losses[steps]
 
-    def cross_validate(penalties: Sequence[float], starts: list[_Fit], bias_penalty: float | None = None):
-        """(P, m, C) out-of-fold logits of the scored examples per penalty, and each fold's path (one fit per
-        penalty)."""
-        out, paths = mean_logits.new_zeros(len(penalties), len(scored), num_classes), []
-        for fold, train, start in zip(folds, trains, starts):
-            fit_on = (hidden[train], view_logits[train], view_labels[train])
-            paths.append(_fit_path(gate, *fit_on, penalties, start, bias_penalty))
-            for p, fit in enumerate(paths[-1]):
-                out[p, row[fold]] = _held_out(gate, fit, hidden[fold], features.logits[fold])
-        return out, paths
-
-    def choose(out: torch.Tensor) -> int:
-        correct = out.argmax(-1) == scored_labels
-        loss = torch.stack([nn.functional.cross_entropy(o, scored_labels, reduction="none") for o in out])
-        return _pick(correct, loss)
-
-    static_out, static_paths = cross_validate(STATIC_PENALTIES, [equal] * len(folds))
-    static_index = choose(static_out)
-    static_penalty = STATIC_PENALTIES[static_index]
-    bias_penalty = min(static_penalty, 100.0)  # the gate's bias is held to equal weights as strongly (inf: firmly)
-    # Each fold's gate path starts from that fold's static weights at the chosen penalty.
-    gate_out, _ = cross_validate(GATE_PENALTIES, [path[static_index] for path in static_paths], bias_penalty)
-    gate_index = choose(gate_out)
-    held_out[STATIC_WEIGHTS], held_out[GATE] = static_out[static_index], gate_out[gate_index]
-
-    correct = {name: logits.argmax(-1) == scored_labels for name, logits in held_out.items()}
-    for name in (STATIC_WEIGHTS, GATE):
-        losses[name] = nn.functional.cross_entropy(held_out[name], scored_labels, reduction="none")
+    correct = {name: answers.predictions == scored_labels for name, answers in out_of_fold.items()}
     chosen = MEAN_OF_LOGITS
-    # At the infinite penalty static weights are plain averaging and the gate is static weights: no challenger.
-    fitted = [name for name, index in ((STATIC_WEIGHTS, static_index), (GATE, gate_index)) if index > 0]
-    for name in (BEST_BACKBONE, *fitted):
+    # At the infinite penalty static weights are plain averaging: no challenger.
+    for name in (BEST_BACKBONE, STATIC_WEIGHTS, GATE) if static_index > 0 else (BEST_BACKBONE, GATE):
         nests = name in (STATIC_WEIGHTS, GATE)
         if _beats(correct[name], correct[chosen], losses[name], losses[chosen], nests):
             chosen = name
 
     settings: dict = {}
-    with torch.random.fork_rng(devices=[]):  # the unused hidden layer too is the same for a seed
-        torch.manual_seed(seed)
-        gate.reset_parameters()
-    if chosen in (STATIC_WEIGHTS, GATE):
-        logits, train_labels = view_logits, view_labels
-        fit = _fit_path(gate, hidden, logits, train_labels, STATIC_PENALTIES[: static_index + 1], equal)[-1]
-        settings = {"optimizer": "L-BFGS", "penalty": static_penalty}
-        if chosen == GATE:
-            fit = _fit_path(gate, hidden, logits, train_labels, GATE_PENALTIES[: gate_index + 1], fit, bias_penalty)[-1]
-            settings |= {
-                "gate_penalty": GATE_PENALTIES[gate_index],
-                "principal_directions": int(fc1_weight.any(1).sum()) // 2,
-            }
-            with torch.no_grad():
-                gate.fc1.weight.copy_(fc1_weight)
-                gate.fc1.bias.copy_(fc1_bias)
-                gate.fc2.weight.copy_(fit.weight)
+    static_bias = _static_path(gate, view_logits, view_labels, STATIC_PENALTIES[: static_index + 1])[-1]
+    if chosen == STATIC_WEIGHTS:
+        with torch.random.fork_rng(devices=[]):  # the unused hidden layer too is the same for a seed
+            torch.manual_seed(seed)
+            gate.reset_parameters()
         with torch.no_grad():
-            gate.fc2.bias.copy_(fit.bias)
+            gate.fc2.bias.copy_(static_bias)
+        settings = {"optimizer": "L-BFGS", "penalty": STATIC_PENALTIES[static_index]}
+    elif chosen == GATE:
+        settings = {"optimizer": "AdamW", "steps": steps, "lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY}
+        settings |= {"batch_size": BATCH_SIZE, "static_penalty": STATIC_PENALTIES[static_index]}
+        if single_split:  # trained on three quarters of the examples, kept as scored
+            gate.load_state_dict(gate_path.states[steps])
+            settings["trained_on"] = f"{n - len(folds[0])} of {n} examples"
+        else:
+            _train_gate(gate, features, steps, static_bias, seed=seed)
     elif chosen == BEST_BACKBONE:
         set_best_backbone(gate, best)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            gate.reset_parameters()
     gate.eval()
     fold_accuracy = {name: [float(hits[row[fold]].float().mean()) for fold in folds] for name, hits in correct.items()}
     return GateChoice(
@@ -412,7 +427,7 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
         num_folds=len(folds),
         settings=settings,
         best_backbone=best,
-        out_of_fold=OutOfFold.of(scored, held_out[chosen]),
+        out_of_fold=out_of_fold[chosen],
     )
 
 
@@ -420,11 +435,11 @@ __all__ = [
     "BEST_BACKBONE",
     "Features",
     "GATE",
-    "GATE_PENALTIES",
     "GateChoice",
     "MEAN_OF_LOGITS",
     "OutOfFold",
     "STATIC_PENALTIES",
+    "STEP_CHOICES",
     "STATIC_WEIGHTS",
     "cross_validation_folds",
     "fit_calibrated_gate",
