@@ -4,7 +4,10 @@ Tasks, each with its own trained, deliberately different backbones:
 - colours: three tiny CLIPs, each confidently wrong on a different pair of look-alike colours (averaging fails);
 - digits: three tiny CLIP specialists on scikit-learn's real handwritten digits (different resolutions, widths and
   training data);
-- synthetic: frozen features with the paper's nine backbone widths (100 classes by default), where averaging wins.
+- synthetic: frozen features with the paper's nine backbone widths (50 classes by default), each head confused on
+  other classes: averaging wins and a per-image gate can route;
+- hard-images: five similar backbones with correlated errors, averaging a point above the best (the real-CLIP regime);
+- dominant: one strong backbone about 2 points above averaging among weaker specialists, each right on its own domain.
 For k = 1, 2, 4, 8, 16 shots per class and several seeds, a k-shot support set is drawn from the task's pool; every
 method is fitted on it alone and scored on the task's held-out test set. Prints mean ± standard deviation over seeds
 of the test top-1; with --save, writes the table and a chart (accuracy against k per task) to benchmarks/results/.
@@ -29,10 +32,17 @@ from clip_ensemble.calibration.fitting import Features, fit_calibrated_gate
 from clip_ensemble.models.gate import EnsembleGate, combine_logits
 from clip_ensemble.tasks import TOY_CLASSES, toy_backbones, toy_dataset
 from clip_ensemble.tasks.digits import DIGIT_CLASSES, digits_backbones, digits_dataset
-from clip_ensemble.tasks.synthetic import FeatureTask, feature_task, synthetic_task
+from clip_ensemble.tasks.synthetic import (
+    FeatureTask,
+    dominant_backbone_task,
+    feature_task,
+    hard_images_task,
+    synthetic_task,
+)
 
 RESULTS = Path(__file__).parent / "results"
 SHOTS = (1, 2, 4, 8, 16)
+TASKS = ("colours", "digits", "synthetic", "hard-images", "dominant")
 GATE = "calibrated ensemble (ours)"
 BEST_SINGLE = "best single (chosen on the shots)"
 ORACLE = "oracle (any backbone right)"
@@ -53,8 +63,12 @@ def load_tasks(names: list[str], workdir: Path, synthetic_classes: int) -> list[
             tasks.append(feature_task("digits", model, digits_dataset("pool"), digits_dataset("test"), cache))
         elif name == "synthetic":
             tasks.append(synthetic_task(num_classes=synthetic_classes, pool_shots=16, test_per_class=10, seed=0))
+        elif name == "hard-images":
+            tasks.append(hard_images_task(num_classes=20, seed=0))
+        elif name == "dominant":
+            tasks.append(dominant_backbone_task(num_classes=20, seed=0))
         else:
-            raise ValueError(f"Unknown task '{name}'; choose from colours, digits, synthetic.")
+            raise ValueError(f"Unknown task '{name}'; choose from {', '.join(TASKS)}.")
     return tasks
 
 
@@ -66,8 +80,10 @@ def few_shot_indices(labels: torch.Tensor, shots: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def score_methods(task: FeatureTask, support: Features, test: Features, seed: int) -> tuple[dict[str, float], str]:
-    """Test top-1 of every method fitted on `support` (one k-shot draw), and what calibration kept."""
+def score_methods(
+    task: FeatureTask, support: Features, test: Features, seed: int
+) -> tuple[dict[str, float], str, float]:
+    """Test top-1 of every method fitted on `support` (one k-shot draw), what calibration kept, and its fitting time."""
     logits, labels = test.logits, test.labels  # (n, B, C), (n,)
     top1 = {}
     correct = logits.argmax(-1) == labels[:, None]  # (n, B)
@@ -82,37 +98,46 @@ def score_methods(task: FeatureTask, support: Features, test: Features, seed: in
     top1["majority vote"] = float((votes.argmax(-1) == labels).float().mean())
     with torch.enable_grad():
         gate = EnsembleGate([e.shape[1] for e in task.pool_embeds])
+        started = time.perf_counter()
         choice = fit_calibrated_gate(gate, support, seed=seed)
+        fit_seconds = time.perf_counter() - started
         baselines = fit_baselines(support, [e.shape[1] for e in task.pool_embeds], task.logit_scales, seed=seed)
     top1[GATE] = float((combine_logits(logits, gate(test.gate_inputs)).argmax(-1) == labels).float().mean())
     for name, baseline in baselines.items():
         top1[name] = float((baseline.scores(test).argmax(-1) == labels).float().mean())
     top1[ORACLE] = float(correct.any(1).float().mean())
-    return top1, choice.chosen
+    return top1, choice.chosen, fit_seconds
 
 
-def run(task: FeatureTask, shots: tuple[int, ...], seeds: int) -> tuple[dict, dict]:
-    """k -> method -> test top-1 per seed, and k -> what calibration kept per seed."""
+def run(task: FeatureTask, shots: tuple[int, ...], seeds: int) -> tuple[dict, dict, dict]:
+    """k -> method -> test top-1 per seed, k -> what calibration kept per seed, and k -> its fitting seconds."""
     pool = Features(torch.cat(task.pool_embeds, -1), task.logits(task.pool_embeds), task.pool_labels)
     test = Features(torch.cat(task.test_embeds, -1), task.logits(task.test_embeds), task.test_labels)
-    results, kept = {}, {}
+    results, kept, seconds = {}, {}, {}
     for k in shots:
         started = time.perf_counter()
         per_seed = [
             score_methods(task, pool.subset(few_shot_indices(pool.labels, k, s)), test, s) for s in range(seeds)
         ]
-        results[k] = {method: [r[method] for r, _ in per_seed] for method in per_seed[0][0]}
-        kept[k] = [chosen for _, chosen in per_seed]
+        results[k] = {method: [r[method] for r, _, _ in per_seed] for method in per_seed[0][0]}
+        kept[k] = [chosen for _, chosen, _ in per_seed]
+        seconds[k] = [s for _, _, s in per_seed]
         gate, mean = np.mean(results[k][GATE]), np.mean(results[k]["mean of logits"])
         print(
             f"  {task.name} k={k}: ours {100 * gate:.1f}, mean of logits {100 * mean:.1f} "
             f"({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
-    return results, kept
+    return results, kept, seconds
 
 
-def table(task: FeatureTask, results: dict[int, dict[str, list[float]]], kept: dict[int, list[str]], seeds: int) -> str:
+def table(
+    task: FeatureTask,
+    results: dict[int, dict[str, list[float]]],
+    kept: dict[int, list[str]],
+    seconds: dict[int, list[float]],
+    seeds: int,
+) -> str:
     shots = list(results)
     lines = [
         f"### {task.name}: {len(task.test_labels)} test images, {len(task.label_names)} classes, "
@@ -128,6 +153,8 @@ def table(task: FeatureTask, results: dict[int, dict[str, list[float]]], kept: d
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     counts = [", ".join(f"{name} x{kept[k].count(name)}" for name in dict.fromkeys(kept[k])) for k in shots]
     lines += ["", "Calibration kept, over the seeds: " + "; ".join(f"k={k}: {c}" for k, c in zip(shots, counts)) + "."]
+    times = ", ".join(f"k={k}: {np.median(seconds[k]):.2f} s" for k in shots)
+    lines += ["", f"Calibration fitting time (median over seeds, {torch.get_num_threads()} threads): {times}."]
     return "\n".join(lines)
 
 
@@ -160,19 +187,21 @@ def chart(all_results: dict[str, dict[int, dict[str, list[float]]]], path: Path)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=["colours", "digits", "synthetic"])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--shots", type=int, nargs="+", default=list(SHOTS))
     parser.add_argument("--seeds", type=int, default=5, help="k-shot draws per k (default: 5)")
-    parser.add_argument("--synthetic-classes", type=int, default=100)
+    parser.add_argument("--synthetic-classes", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--workdir", help="where to keep the trained tiny backbones (default: a temporary folder)")
     parser.add_argument("--save", action="store_true", help="write the table, JSON and chart to benchmarks/results/")
     args = parser.parse_args()
 
+    torch.set_num_threads(args.threads)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="clip-ensemble-bench-"))
     started = time.perf_counter()
     tasks = load_tasks(args.tasks, workdir, args.synthetic_classes)
     runs = {task.name: run(task, tuple(args.shots), args.seeds) for task in tasks}
-    all_results = {name: results for name, (results, _) in runs.items()}
+    all_results = {name: results for name, (results, _, _) in runs.items()}
     tables = "\n\n".join(table(task, *runs[task.name], args.seeds) for task in tasks)
     text = f"{tables}\n\nTotal time {time.perf_counter() - started:.0f} s."
     print(text)

@@ -17,9 +17,9 @@ from .fitting import BEST_BACKBONE, GATE, MEAN_OF_LOGITS, STATIC_WEIGHTS, Featur
 
 @dataclass
 class CalibrationReport:
-    """What a calibration chose and why: the cross-validated cross-entropy (which the choice compares) and top-1 (mean
-    and spread over folds) of the gate, of static per-backbone weights, of plain averaging and of the best backbone
-    on the calibration images, and how long it took."""
+    """What a calibration chose and why: the cross-validated top-1 (mean and spread over folds) and cross-entropy,
+    which the choice compares, of the gate, of static per-backbone weights, of plain averaging and of the best
+    backbone on the calibration images, and how long it took."""
 
     dataset: str
     shots: int
@@ -64,8 +64,10 @@ class CalibrationReport:
         }[self.chosen]
         folds = "one held-out quarter" if self.num_folds == 1 else f"{self.num_folds}-fold cross-validation"
         return (
-            f"Chose {self.chosen}: {reason} ({folds} on the calibration images; held-out cross-entropy, and top-1 as "
-            f"mean ± spread over folds: {evidence})."
+            f"Chose {self.chosen}: {reason} ({folds} on the calibration images; a candidate beats a simpler one when "
+            "right more often on the held-out images by more than one standard error, or, for static weights and the "
+            "gate, at least as often with a held-out cross-entropy lower by more than one standard error; held-out "
+            f"cross-entropy, and top-1 as mean ± spread over folds: {evidence})."
         )
 
     def __str__(self) -> str:

@@ -1,11 +1,12 @@
-"""Fitting on cached features: cross-validation folds, the gate's training loop, and the choice between the gate,
-static per-backbone weights, plain averaging and the best backbone that calibration makes from the calibration data
-alone."""
+"""Fitting on cached features: cross-validation folds, full-batch fits of static weights and of the gate, and the
+choice between the gate, static per-backbone weights, plain averaging and the best backbone that calibration makes
+from the calibration data alone."""
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -57,30 +58,36 @@ def cross_validation_folds(labels: torch.Tensor | list[int], num_folds: int = 5,
     return [sorted(fold) for fold in folds]
 
 
-def _combined(gate: EnsembleGate, features: Features, static: bool = False) -> torch.Tensor:
-    """(n, C) combined logits; `static` uses the gate's output bias alone: one weight per backbone for every image."""
-    weights = gate.activate(gate.fc2.bias).expand(len(features.labels), -1) if static else gate(features.gate_inputs)
-    return combine_logits(features.logits, weights)
-
-
 MEAN_OF_LOGITS = "mean of logits"
 BEST_BACKBONE = "best backbone"
 STATIC_WEIGHTS = "static weights"
 GATE = "gate"
 
-# The gate's fitting settings. The training length is chosen by cross-validation among STEP_CHOICES (AdamW from the
-# averaging initialisation: fewer steps stay closer to plain averaging); the learning rate, weight decay and batch
-# size are fixed.
+# Static weights: softplus(b) per backbone (the gate's output bias, its output weights zero), fitted to convergence
+# by full-batch L-BFGS on cross-entropy + penalty * ||weights - 1/B||^2. The penalty is chosen by cross-validation
+# among these, strongest first, a factor of about 30 apart; each fit starts from the previous one (inf: equal weights,
+# plain averaging).
+STATIC_PENALTIES = (math.inf, 1.0, 0.03, 0.001)
+MAX_ITER = 20  # L-BFGS iterations per fit (each fit starts from the previous penalty's)
+# Training static weights on more classes than this keeps, per image, the classes that some backbone ranks high (and
+# its label): the others have a negligible probability under any weights. Scoring always uses every class.
+TRAIN_CLASSES = 16
+# The gate, as the paper trains it: AdamW on mini-batches from its initialisation, for a number of steps chosen by
+# cross-validation among STEP_CHOICES (fewer steps stay closer to where it starts); the learning rate, weight decay
+# and batch size are fixed. It starts from the static weights that cross-validation chose (plain averaging when
+# those are equal weights), so the image-dependent part is what the steps learn.
 STEP_CHOICES = (10, 25, 50, 100, 200, 400, 800)
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.01
 BATCH_SIZE = 128
-# From this many calibration examples on, one held-out quarter replaces k-fold cross-validation, and the gate trained
-# on the other three quarters is kept as it is: the estimate is already precise, and paper-scale calibration (16,000
+# The gate's path stops when the held-out cross-entropy has risen at this many checkpoints in a row.
+PATIENCE = 2
+# From this many calibration examples on, one held-out quarter replaces k-fold cross-validation (the gate trained on
+# the other three quarters is kept as it is): the estimate is already precise, and paper-scale calibration (16,000
 # examples) stays within seconds.
 SINGLE_SPLIT_FROM = 2000
-# The training path stops when the held-out cross-entropy has risen at this many checkpoints in a row.
-PATIENCE = 2
+# A candidate replaces a simpler one when right more often out of fold by this many standard errors (McNemar z).
+MIN_WIN_Z = 1.0
 
 
 class OutOfFold(NamedTuple):
@@ -100,11 +107,11 @@ class OutOfFold(NamedTuple):
 class GateChoice:
     """What `fit_calibrated_gate` chose and why.
 
-    `cv_loss` is each candidate's mean cross-entropy on the held-out examples, which the choice compares;
-    `cv_accuracy` and `cv_spread` are the mean and standard deviation over folds of its top-1 there. Everything is
-    out of fold: the gate, the static weights and the best backbone are chosen and trained without the examples they
-    are scored on (plain averaging has nothing to fit), and the untrained candidates' confidence (an inverse
-    temperature) too.
+    `cv_loss` is each candidate's mean cross-entropy on the held-out examples; `cv_accuracy` and `cv_spread` are
+    the mean and standard deviation over folds of its top-1 there; the choice compares top-1, then cross-entropy.
+    Everything is out of fold: the gate, the static weights (and their penalties) and the best backbone are chosen
+    and fitted without the examples they are scored on (plain averaging has nothing to fit), and the untrained
+    candidates' confidence (an inverse temperature) too.
     """
 
     chosen: str  # GATE, STATIC_WEIGHTS, MEAN_OF_LOGITS or BEST_BACKBONE
@@ -112,7 +119,7 @@ class GateChoice:
     cv_accuracy: dict[str, float]
     cv_spread: dict[str, float]
     num_folds: int  # folds whose held-out part was scored (1: a single held-out quarter)
-    settings: dict = field(default_factory=dict)  # the gate's fitting settings, when the gate was chosen
+    settings: dict = field(default_factory=dict)  # the chosen candidate's fitting settings, when it was fitted
     best_backbone: int = 0  # index of the backbone with the best top-1 on all calibration examples
     # The chosen candidate's answers out of fold, from which the cascade fits its stopping rule.
     out_of_fold: OutOfFold | None = field(default=None, repr=False, compare=False)
@@ -124,37 +131,6 @@ def set_best_backbone(gate: EnsembleGate, backbone: int) -> None:
     with torch.no_grad():
         gate.fc2.bias.fill_(-30.0)  # softplus(-30) ~ 1e-13; a softmax weight of ~e-30
         gate.fc2.bias[backbone] = math.log(math.e - 1) if gate.combination == "softplus" else 0.0
-
-
-def _train(
-    gate: EnsembleGate, train: Features, steps: int, *, seed: int, static: bool = False, on_checkpoint=None
-) -> None:
-    """AdamW on cross-entropy of the combined logits, from the averaging initialisation, for `steps` steps or until
-    `on_checkpoint(step)` (called at each of `STEP_CHOICES`, gate in eval mode) returns True. `static` trains the
-    output bias alone (the hidden layer then has no effect: the output weights stay zero)."""
-    torch.manual_seed(seed)
-    gate.reset_parameters()
-    generator = torch.Generator().manual_seed(seed)
-    parameters = [gate.fc2.bias] if static else list(gate.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    n = len(train.labels)
-    for step in range(1, steps + 1):
-        gate.train()
-        batch = train.subset(torch.randperm(n, generator=generator)[:BATCH_SIZE]) if n > BATCH_SIZE else train
-        loss = nn.functional.cross_entropy(_combined(gate, batch, static), batch.labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        gate.eval()
-        if on_checkpoint is not None and step in STEP_CHOICES and on_checkpoint(step):
-            break
-
-
-def _beats(gain: torch.Tensor) -> bool:
-    """Whether a per-example gain of a challenger over the incumbent (the incumbent's held-out cross-entropy minus
-    the challenger's, on the same examples) is positive by more than one standard error: a guard against choosing
-    the more complex model on noise."""
-    return bool(gain.mean() > gain.std(correction=0) / math.sqrt(len(gain)))
 
 
 def _fit_inverse_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -174,69 +150,170 @@ def _fit_inverse_temperature(logits: torch.Tensor, labels: torch.Tensor) -> floa
     return float(log_t.detach().clamp(-10, 10).exp())
 
 
-@dataclass
-class _Path:
-    """Out-of-fold results of one kind of training at every training length that all folds reached."""
+def _lbfgs(parameters: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor]) -> None:
+    optimizer = torch.optim.LBFGS(
+        parameters, max_iter=MAX_ITER, tolerance_grad=1e-5, tolerance_change=1e-6, line_search_fn="strong_wolfe"
+    )
 
-    predictions: dict[int, torch.Tensor]  # steps -> (n,) answers on the held-out examples
-    margins: dict[int, torch.Tensor]  # steps -> (n,) their top-1 minus top-2 combined logits
-    losses: dict[int, torch.Tensor]  # steps -> (n,) held-out cross-entropy
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+
+
+def _training_view(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, B, C) logits and (n,) labels to train on: when large, each image's `TRAIN_CLASSES` classes with the best
+    probability under some backbone (its own label among them), as (n, B, K) logits and (n,) positions in them."""
+    if logits.shape[-1] <= TRAIN_CLASSES:
+        return logits, labels
+    best_probability = logits.log_softmax(-1).amax(1)  # (n, C)
+    best_probability[torch.arange(len(labels)), labels] = math.inf  # the label is always kept
+    kept = best_probability.topk(TRAIN_CLASSES, dim=-1).indices  # (n, K), the label first
+    return logits.gather(2, kept[:, None].expand(-1, logits.shape[1], -1)), torch.zeros_like(labels)
+
+
+def _static_path(gate: EnsembleGate, logits: torch.Tensor, labels: torch.Tensor, penalties: Sequence[float]):
+    """(B,) output biases of static weights fitted on (n, B, C) logits, one per penalty, strongest first, each fit
+    starting from the previous one; an infinite penalty keeps equal weights (the gate's initial bias)."""
+    gate.reset_parameters()
+    bias = gate.fc2.bias.detach().clone().requires_grad_(True)
+    uniform = 1.0 / logits.shape[1]
+    fitted = []
+    for penalty in penalties:
+        if not math.isinf(penalty):
+
+            def loss(penalty: float = penalty) -> torch.Tensor:
+                weights = gate.activate(bias)
+                fit = nn.functional.cross_entropy(combine_logits(logits, weights.expand(len(labels), -1)), labels)
+                return fit + penalty * (weights - uniform).pow(2).sum()
+
+            _lbfgs([bias], loss)
+        fitted.append(bias.detach().clone())
+    return fitted
+
+
+def _static_logits(gate: EnsembleGate, bias: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(n, C) combined logits of (n, B, C) `logits` under the static weights of output bias `bias`."""
+    return combine_logits(logits, gate.activate(bias).expand(len(logits), -1))
+
+
+def _train_gate(
+    gate: EnsembleGate, train: Features, steps: int, start: torch.Tensor, *, seed: int, on_checkpoint=None
+) -> None:
+    """AdamW on the cross-entropy of the combined logits, from the gate's initialisation with output bias `start`
+    (static weights), for `steps` steps or until `on_checkpoint(step)` (called at each of `STEP_CHOICES`, the gate in
+    eval mode) returns True."""
+    torch.manual_seed(seed)
+    gate.reset_parameters()
+    with torch.no_grad():
+        gate.fc2.bias.copy_(start)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(gate.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    n = len(train.labels)
+    for step in range(1, steps + 1):
+        gate.train()
+        batch = train.subset(torch.randperm(n, generator=generator)[:BATCH_SIZE]) if n > BATCH_SIZE else train
+        loss = nn.functional.cross_entropy(combine_logits(batch.logits, gate(batch.gate_inputs)), batch.labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        gate.eval()
+        if on_checkpoint is not None and step in STEP_CHOICES and on_checkpoint(step):
+            break
+
+
+@dataclass
+class _GatePath:
+    """The gate's out-of-fold results at every training length that all folds reached, on the scored examples."""
+
+    predictions: dict[int, torch.Tensor]  # steps -> (m,) answers
+    margins: dict[int, torch.Tensor]  # steps -> (m,) top-1 minus top-2 combined logits
+    losses: dict[int, torch.Tensor]  # steps -> (m,) cross-entropy
     states: dict[int, dict]  # steps -> gate state (single split only)
     reached: list[int]
 
-    def best_steps(self, scored: torch.Tensor) -> int:
-        """The length with the lowest out-of-fold cross-entropy (ties: the shortest)."""
-        return min(self.reached, key=lambda steps: float(self.losses[steps][scored].mean()))
 
-
-def _cross_validate(
-    gate: EnsembleGate, features: Features, folds: list[list[int]], *, seed: int, static: bool, keep_states: bool
-) -> _Path:
-    """Train on each fold's training part, scoring its held-out part at every length in `STEP_CHOICES`; a fold's
-    path stops once its held-out cross-entropy keeps rising, and later folds stop where it did."""
-    n, device = len(features.labels), features.labels.device
-    path = _Path(
-        {s: torch.zeros(n, dtype=torch.long, device=device) for s in STEP_CHOICES},
-        {s: torch.zeros(n, device=device) for s in STEP_CHOICES},
-        {s: torch.zeros(n, device=device) for s in STEP_CHOICES},
+def _cross_validate_gate(
+    gate: EnsembleGate,
+    features: Features,
+    folds: list[list[int]],
+    row: torch.Tensor,
+    starts: list[torch.Tensor],
+    *,
+    seed: int,
+    keep_states: bool,
+) -> _GatePath:
+    """Train on each fold's training part (from that fold's static weights, `starts`), scoring its held-out part at
+    every length in `STEP_CHOICES`; a fold's path stops once its held-out cross-entropy keeps rising, and later folds
+    stop where it did. `row` maps an example to its row among the scored ones."""
+    m, device = int((row >= 0).sum()), features.labels.device
+    path = _GatePath(
+        {s: torch.zeros(m, dtype=torch.long, device=device) for s in STEP_CHOICES},
+        {s: torch.zeros(m, device=device) for s in STEP_CHOICES},
+        {s: torch.zeros(m, device=device) for s in STEP_CHOICES},
         {},
         [],
     )
     last_step = STEP_CHOICES[-1]
-    everything = set(range(n))
-    for fold in folds:
-        train, val = features.subset(sorted(everything - set(fold))), features.subset(fold)
+    everything = set(range(len(features.labels)))
+    for fold, start in zip(folds, starts):
+        train, val, rows = features.subset(sorted(everything - set(fold))), features.subset(fold), row[fold]
         fold_losses: list[float] = []
 
         @torch.no_grad()
-        def checkpoint(step: int, fold=fold, val=val, fold_losses=fold_losses) -> bool:
-            logits = _combined(gate, val, static)
-            path.predictions[step][fold], path.margins[step][fold] = logits.argmax(-1), margins(logits)
-            path.losses[step][fold] = nn.functional.cross_entropy(logits, val.labels, reduction="none")
-            fold_losses.append(float(path.losses[step][fold].mean()))
+        def checkpoint(step: int, val=val, rows=rows, fold_losses=fold_losses) -> bool:
+            logits = combine_logits(val.logits, gate(val.gate_inputs))
+            path.predictions[step][rows], path.margins[step][rows] = logits.argmax(-1), margins(logits)
+            path.losses[step][rows] = nn.functional.cross_entropy(logits, val.labels, reduction="none")
+            fold_losses.append(float(path.losses[step][rows].mean()))
             if keep_states:
                 path.states[step] = copy.deepcopy(gate.state_dict())
             recent = fold_losses[-PATIENCE - 1 :]
             return len(recent) > PATIENCE and all(a < b for a, b in zip(recent, recent[1:]))
 
-        _train(gate, train, last_step, seed=seed, static=static, on_checkpoint=checkpoint)
+        _train_gate(gate, train, last_step, start, seed=seed, on_checkpoint=checkpoint)
         last_step = min(last_step, STEP_CHOICES[len(fold_losses) - 1])
     path.reached = [s for s in STEP_CHOICES if s <= last_step]
     return path
 
 
-def fit_choice(
-    gate: EnsembleGate, features: Features, chosen: str, steps: int, best_backbone: int, *, seed: int
-) -> None:
-    """Set `gate` to the `chosen` candidate fitted on all of `features`: trained for `steps` (static weights or the
-    gate), routing every image to `best_backbone`, or plain averaging."""
-    if chosen in (STATIC_WEIGHTS, GATE):
-        _train(gate, features, steps, seed=seed, static=chosen == STATIC_WEIGHTS)
-    elif chosen == BEST_BACKBONE:
-        set_best_backbone(gate, best_backbone)
-    else:
-        gate.reset_parameters()
-    gate.eval()
+def _pick(correct: torch.Tensor, losses: torch.Tensor) -> int:
+    """Index of the row of (m, n) out-of-fold hits and losses with the most hits; ties: the lowest loss, then the
+    first (the simplest, as grids go from the strongest penalty)."""
+    hits = correct.float().sum(1)
+    tied = torch.nonzero(hits == hits.max()).flatten()
+    return int(tied[losses[tied].mean(1).argmin()])
+
+
+def _beats(
+    correct: torch.Tensor,
+    incumbent_correct: torch.Tensor,
+    loss: torch.Tensor,
+    incumbent_loss: torch.Tensor,
+    nests: bool,
+) -> bool:
+    """Whether a challenger beats the incumbent on the same held-out examples ((n,) hits and losses each).
+
+    By top-1: right more often, by more than `MIN_WIN_Z` standard errors of the count of images they disagree on (a
+    McNemar z): one image more out of twenty is not evidence. Otherwise, for a fitted combination that contains the
+    incumbent (`nests`: static weights and the gate contain plain averaging, the gate contains static weights), by
+    cross-entropy: lower by more than one standard error of the paired difference while right at least as often, as
+    a richer model is judged by its likelihood as well as its answers. The best backbone, one discrete pick that drops
+    the other backbones, is judged by its answers alone: its cross-entropy, from the few images a single backbone
+    gets wrong, says little about the images it has not seen.
+    """
+    wins = int((correct & ~incumbent_correct).sum())
+    losses = int((incumbent_correct & ~correct).sum())
+    if wins > losses and (wins - losses) / math.sqrt(wins + losses) > MIN_WIN_Z:
+        return True
+    if wins < losses or not nests:
+        return False
+    gain = incumbent_loss - loss
+    return bool(gain.mean() > gain.std(correction=0) / math.sqrt(len(gain)))
 
 
 def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0, num_folds: int = 5) -> GateChoice:
@@ -245,74 +322,106 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     The candidates, from the simplest to the richest:
     1. plain logit averaging (the gate's starting point);
     2. the best single backbone (on all the examples);
-    3. static weights: one learned weight per backbone, the same for every image (the gate's output bias alone);
-    4. the gate, whose weights depend on the image.
-    Each is scored by its cross-entropy on held-out examples, out of fold. Static weights and the gate are trained
-    on each fold's training part and scored on its held-out part at every training length in `STEP_CHOICES`, the
-    length with the lowest out-of-fold cross-entropy chosen, then refitted on all examples for that length. The
-    best backbone is chosen on each fold's training part; averaging and the best backbone are scored at an inverse
-    temperature fitted there. Each candidate in turn replaces the one kept so far only when its cross-entropy is
-    lower on the same examples by more than one standard error of the paired difference. Cross-entropy rather than
-    top-1 because a few calibration images give top-1 too few distinct values to tell candidates apart. From
-    `SINGLE_SPLIT_FROM` examples on, one held-out quarter is scored and the model trained on the other three
-    quarters is kept. At 1 shot a held-out example's class is missing from its fold's training part, so the trained
-    candidates' estimates are pessimistic there. The chosen candidate's out-of-fold answers come back in
-    `GateChoice.out_of_fold` (the cascade fits its stopping rule on them).
+    3. static weights: one weight per backbone, the same for every image (the gate's output bias alone), fitted to
+       convergence by full-batch L-BFGS with a penalty toward equal weights that cross-validation chooses (the most
+       out-of-fold hits, ties by cross-entropy);
+    4. the gate, whose weights depend on the image, trained by AdamW from those static weights for a number of steps
+       that cross-validation chooses (the lowest out-of-fold cross-entropy).
+    The best backbone is chosen on each fold's training part; averaging and the best backbone are scored at an
+    inverse temperature fitted there. Each candidate in turn replaces the one kept so far when it is right more often
+    out of fold by more than one standard error (a McNemar z above `MIN_WIN_Z`), or else when its out-of-fold
+    cross-entropy is lower by more than one standard error of the paired difference and it is right at least as
+    often (static weights and the gate, which contain plain averaging and one another; the best backbone needs the
+    top-1 evidence). The chosen candidate is refitted on all the examples. From `SINGLE_SPLIT_FROM` examples on, one
+    held-out quarter is scored instead of k folds, and a chosen gate is the one trained on the other three quarters.
+    The chosen candidate's out-of-fold answers come back in `GateChoice.out_of_fold` (the cascade fits its stopping
+    rule on them).
     """
     features = Features(*features)
-    labels = features.labels
+    labels, device = features.labels, features.labels.device
     n = len(labels)
     single_split = n >= SINGLE_SPLIT_FROM
     folds = cross_validation_folds(labels, 4 if single_split else num_folds, seed)[: 1 if single_split else None]
-    scored = torch.tensor(sorted(i for fold in folds for i in fold), device=labels.device)
+    scored = torch.tensor(sorted(i for fold in folds for i in fold), device=device)
+    trains = [sorted(set(range(n)) - set(fold)) for fold in folds]
     single_correct = features.logits.argmax(-1) == labels[:, None]  # (n, B)
     best = int(single_correct.float().mean(0).argmax())
     mean_logits = features.logits.mean(1)  # (n, C)
-    # The untrained candidates, out of fold: the best backbone is chosen on each fold's training part, and both are
-    # scored at an inverse temperature fitted there (it changes none of their answers), so that the comparison with
-    # the trained candidates, whose scale is learnt, is about what they rank rather than how confident they are.
-    best_out_of_fold = torch.empty_like(mean_logits)
-    losses = {name: torch.zeros(n, device=labels.device) for name in (MEAN_OF_LOGITS, BEST_BACKBONE)}
-    everything = set(range(n))
-    for fold in folds:
-        train = sorted(everything - set(fold))
-        train_best = int(single_correct[train].float().mean(0).argmax())
-        best_out_of_fold[fold] = features.logits[fold, train_best]
-        for name, logits in ((MEAN_OF_LOGITS, mean_logits), (BEST_BACKBONE, features.logits[:, train_best])):
-            scale = _fit_inverse_temperature(logits[train], labels[train])
-            losses[name][fold] = nn.functional.cross_entropy(scale * logits[fold], labels[fold], reduction="none")
-    out_of_fold = {
-        MEAN_OF_LOGITS: OutOfFold.of(scored, mean_logits[scored]),
-        BEST_BACKBONE: OutOfFold.of(scored, best_out_of_fold[scored]),
-    }
-    paths, steps = {}, {}
-    for name, static in ((STATIC_WEIGHTS, True), (GATE, False)):
-        paths[name] = _cross_validate(gate, features, folds, seed=seed, static=static, keep_states=single_split)
-        steps[name] = paths[name].best_steps(scored)
-        path = paths[name]
-        out_of_fold[name] = OutOfFold(scored, path.predictions[steps[name]][scored], path.margins[steps[name]][scored])
-        losses[name] = path.losses[steps[name]]
-    chosen = MEAN_OF_LOGITS
-    for name in (BEST_BACKBONE, STATIC_WEIGHTS, GATE):
-        if _beats(losses[chosen][scored] - losses[name][scored]):
-            chosen = name
-    correct = {name: torch.zeros(n, dtype=torch.bool, device=labels.device) for name in out_of_fold}
-    for name, answers in out_of_fold.items():
-        correct[name][scored] = answers.predictions == labels[scored]
-    fold_accuracy = {name: [float(hits[fold].float().mean()) for fold in folds] for name, hits in correct.items()}
+    scored_labels, num_classes = labels[scored], features.logits.shape[-1]
+    row = torch.full((n,), -1, dtype=torch.long, device=device)  # example -> its row among the scored ones
+    row[scored] = torch.arange(len(scored), device=device)
+    # The classes to fit static weights on, per image, once for all folds (every class unless there are many).
+    view_logits, view_labels = _training_view(features.logits, labels)
 
-    settings = {}
-    if chosen in paths:
-        settings = {"steps": steps[chosen], "lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY, "batch_size": BATCH_SIZE}
-    if chosen in paths and single_split:  # trained on three quarters of the examples, kept as scored
-        gate.load_state_dict(paths[chosen].states[steps[chosen]])
-        gate.eval()
-        settings["trained_on"] = f"{n - len(folds[0])} of {n} examples"
+    # Out-of-fold (m, C) combined logits of the m scored examples per untrained candidate (and per penalty for static
+    # weights). The untrained candidates' cross-entropy is taken at an inverse temperature fitted on the training part
+    # (it changes none of their answers), so that it compares with the fitted candidates' learnt scale.
+    held_out = {name: mean_logits.new_zeros(len(scored), num_classes) for name in (MEAN_OF_LOGITS, BEST_BACKBONE)}
+    losses = {name: torch.zeros(len(scored), device=device) for name in held_out}
+    static_out = mean_logits.new_zeros(len(STATIC_PENALTIES), len(scored), num_classes)
+    static_paths = []
+    for fold, train in zip(folds, trains):
+        train_best = int(single_correct[train].float().mean(0).argmax())
+        for name, logits, view in (
+            (MEAN_OF_LOGITS, mean_logits, view_logits.mean(1)),
+            (BEST_BACKBONE, features.logits[:, train_best], view_logits[:, train_best]),
+        ):
+            held_out[name][row[fold]] = logits[fold]
+            scale = _fit_inverse_temperature(view[train], view_labels[train])
+            losses[name][row[fold]] = nn.functional.cross_entropy(scale * logits[fold], labels[fold], reduction="none")
+        static_paths.append(_static_path(gate, view_logits[train], view_labels[train], STATIC_PENALTIES))
+        with torch.no_grad():
+            for p, bias in enumerate(static_paths[-1]):
+                static_out[p, row[fold]] = _static_logits(gate, bias, features.logits[fold])
+    static_correct = static_out.argmax(-1) == scored_labels
+    static_losses = torch.stack([nn.functional.cross_entropy(o, scored_labels, reduction="none") for o in static_out])
+    static_index = _pick(static_correct, static_losses)
+    held_out[STATIC_WEIGHTS], losses[STATIC_WEIGHTS] = static_out[static_index], static_losses[static_index]
+    out_of_fold = {name: OutOfFold.of(scored, logits) for name, logits in held_out.items()}
+
+    # The gate, from each fold's chosen static weights.
+    starts = [path[static_index] for path in static_paths]
+    gate_path = _cross_validate_gate(gate, features, folds, row, starts, seed=seed, keep_states=single_split)
+    steps = min(gate_path.reached, key=lambda s: float(gate_path.losses[s].mean()))  # ties: the shortest
+    out_of_fold[GATE] = OutOfFold(scored, gate_path.predictions[steps], gate_path.margins[steps])
+    losses[GATE] = gate_path.losses[steps]
+
+    correct = {name: answers.predictions == scored_labels for name, answers in out_of_fold.items()}
+    chosen = MEAN_OF_LOGITS
+    # At the infinite penalty static weights are plain averaging: no challenger.
+    for name in (BEST_BACKBONE, STATIC_WEIGHTS, GATE) if static_index > 0 else (BEST_BACKBONE, GATE):
+        nests = name in (STATIC_WEIGHTS, GATE)
+        if _beats(correct[name], correct[chosen], losses[name], losses[chosen], nests):
+            chosen = name
+
+    settings: dict = {}
+    static_bias = _static_path(gate, view_logits, view_labels, STATIC_PENALTIES[: static_index + 1])[-1]
+    if chosen == STATIC_WEIGHTS:
+        with torch.random.fork_rng(devices=[]):  # the unused hidden layer too is the same for a seed
+            torch.manual_seed(seed)
+            gate.reset_parameters()
+        with torch.no_grad():
+            gate.fc2.bias.copy_(static_bias)
+        settings = {"optimizer": "L-BFGS", "penalty": STATIC_PENALTIES[static_index]}
+    elif chosen == GATE:
+        settings = {"optimizer": "AdamW", "steps": steps, "lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY}
+        settings |= {"batch_size": BATCH_SIZE, "static_penalty": STATIC_PENALTIES[static_index]}
+        if single_split:  # trained on three quarters of the examples, kept as scored
+            gate.load_state_dict(gate_path.states[steps])
+            settings["trained_on"] = f"{n - len(folds[0])} of {n} examples"
+        else:
+            _train_gate(gate, features, steps, static_bias, seed=seed)
+    elif chosen == BEST_BACKBONE:
+        set_best_backbone(gate, best)
     else:
-        fit_choice(gate, features, chosen, steps.get(chosen, 0), best, seed=seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            gate.reset_parameters()
+    gate.eval()
+    fold_accuracy = {name: [float(hits[row[fold]].float().mean()) for fold in folds] for name, hits in correct.items()}
     return GateChoice(
         chosen=chosen,
-        cv_loss={name: float(losses[name][scored].mean()) for name in out_of_fold},
+        cv_loss={name: float(loss.mean()) for name, loss in losses.items()},
         cv_accuracy={name: float(np.mean(values)) for name, values in fold_accuracy.items()},
         cv_spread={name: float(np.std(values)) for name, values in fold_accuracy.items()},
         num_folds=len(folds),
@@ -325,17 +434,14 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
 __all__ = [
     "BEST_BACKBONE",
     "Features",
-    "BATCH_SIZE",
     "GATE",
     "GateChoice",
-    "LEARNING_RATE",
     "MEAN_OF_LOGITS",
     "OutOfFold",
-    "STATIC_WEIGHTS",
+    "STATIC_PENALTIES",
     "STEP_CHOICES",
-    "WEIGHT_DECAY",
+    "STATIC_WEIGHTS",
     "cross_validation_folds",
     "fit_calibrated_gate",
-    "fit_choice",
     "set_best_backbone",
 ]

@@ -15,6 +15,7 @@ from .digits import (
 from .synthetic import (
     WIDTHS,
     FeatureTask,
+    dominant_backbone_task,
     feature_task,
     hard_images_task,
     noise_task,
@@ -29,6 +30,7 @@ __all__ = [
     "WIDTHS",
     "FeatureTask",
     "digit_split_indices",
+    "dominant_backbone_task",
     "digits_backbones",
     "digits_backbones_ready",
     "digits_dataset",

@@ -9,11 +9,13 @@ from clip_ensemble.calibration.fitting import (
     MEAN_OF_LOGITS,
     STATIC_WEIGHTS,
     Features,
+    GateChoice,
     _fit_inverse_temperature,
     cross_validation_folds,
     fit_calibrated_gate,
 )
 from clip_ensemble.models.gate import EnsembleGate, combine_logits
+from clip_ensemble.tasks.synthetic import dominant_backbone_task, hard_images_task
 
 
 def _features(per_backbone_accuracy: list[float], num_classes: int = 6, shots: int = 4, seed: int = 0) -> Features:
@@ -85,13 +87,31 @@ def test_choice_reports_cross_validated_accuracy_and_is_deterministic():
     assert choice.cv_accuracy[choice.chosen] == pytest.approx(sum(right[f].float().mean() for f in folds) / 5)
 
 
-def test_the_choice_compares_held_out_cross_entropy():
+def test_the_choice_compares_held_out_top1_then_cross_entropy():
     features = _features([0.9, 0.5, 0.5], shots=4)
     choice = fit_calibrated_gate(EnsembleGate([8, 8, 8]), features, seed=0)
     assert set(choice.cv_loss) == {GATE, STATIC_WEIGHTS, MEAN_OF_LOGITS, BEST_BACKBONE}
     assert all(loss > 0 for loss in choice.cv_loss.values())
-    # A candidate replaces a simpler one only with a lower held-out cross-entropy.
-    assert choice.chosen == MEAN_OF_LOGITS or choice.cv_loss[choice.chosen] < choice.cv_loss[MEAN_OF_LOGITS]
+    # A candidate replaces plain averaging only when right more often out of fold, or as often with a lower loss.
+    accuracy, loss = choice.cv_accuracy, choice.cv_loss
+    assert (
+        choice.chosen == MEAN_OF_LOGITS
+        or accuracy[choice.chosen] > accuracy[MEAN_OF_LOGITS]
+        or (accuracy[choice.chosen] == accuracy[MEAN_OF_LOGITS] and loss[choice.chosen] < loss[MEAN_OF_LOGITS])
+    )
+
+
+def test_a_chosen_gate_is_saved_in_the_gates_own_parameters():
+    features = _features([0.9, 0.5, 0.5], shots=8)
+    gate = EnsembleGate([8, 8, 8], hidden_size=16)
+    choice = fit_calibrated_gate(gate, features, seed=0)
+    reloaded = EnsembleGate([8, 8, 8], hidden_size=16)
+    reloaded.load_state_dict(gate.state_dict())
+    reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(features.gate_inputs), gate(features.gate_inputs))
+    if choice.chosen == STATIC_WEIGHTS:  # one weight per backbone: the output layer's weights stay zero
+        assert not gate.fc2.weight.any()
 
 
 def test_inverse_temperature_recovers_the_scale_labels_were_drawn_at():
@@ -133,3 +153,56 @@ def test_calibration_does_not_lose_to_averaging_or_the_best_backbone_on_real_dig
     best_on_shots = choice.best_backbone
     best_single = (test.logits[:, best_on_shots].argmax(-1) == test.labels).float().mean()
     assert calibrated >= averaging - MARGIN and calibrated >= best_single - MARGIN, choice
+
+
+def _split(task) -> tuple[Features, Features]:
+    pool = Features(torch.cat(task.pool_embeds, -1), task.logits(task.pool_embeds), task.pool_labels)
+    test = Features(torch.cat(task.test_embeds, -1), task.logits(task.test_embeds), task.test_labels)
+    return pool, test
+
+
+def _shots(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.cat(
+        [
+            torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=generator)[:shots]]
+            for c in labels.unique()
+        ]
+    )
+
+
+def _calibrated_and_references(task, shots: int, seed: int = 0) -> tuple[float, float, float, GateChoice]:
+    """Test top-1 of the calibrated gate, of plain averaging and of the best backbone chosen on the shots."""
+    pool, test = _split(task)
+    support = pool.subset(_shots(pool.labels, shots, seed))
+    gate = EnsembleGate([e.shape[1] for e in task.pool_embeds])
+    choice = fit_calibrated_gate(gate, support, seed=seed)
+    with torch.no_grad():
+        calibrated = (combine_logits(test.logits, gate(test.gate_inputs)).argmax(-1) == test.labels).float().mean()
+    averaging = (test.logits.mean(1).argmax(-1) == test.labels).float().mean()
+    best = (test.logits[:, choice.best_backbone].argmax(-1) == test.labels).float().mean()
+    return float(calibrated), float(averaging), float(best), choice
+
+
+@pytest.mark.parametrize("shots", [1, 4])
+def test_where_averaging_wins_calibration_keeps_up_with_it(shots):
+    # Five similar backbones with correlated errors: averaging about a point above the best one.
+    calibrated, averaging, best, choice = _calibrated_and_references(hard_images_task(num_classes=20, seed=0), shots)
+    assert averaging > best
+    assert calibrated >= averaging - 0.005, choice
+
+
+@pytest.mark.parametrize("shots", [1, 4])
+def test_where_one_backbone_dominates_calibration_does_not_stay_at_averaging(shots):
+    # One strong backbone about 2 points above averaging, among specialists right on their own domains. Three k-shot
+    # draws: on one draw the out-of-fold evidence may be too thin to leave averaging (one image out of eighty).
+    task = dominant_backbone_task(num_classes=20)
+    _, test = _split(task)
+    runs = [_calibrated_and_references(task, shots, seed) for seed in range(3)]
+    calibrated = sum(r[0] for r in runs) / 3
+    averaging, best = runs[0][1], sum(r[2] for r in runs) / 3
+    assert (test.logits[:, 0].argmax(-1) == test.labels).float().mean() > averaging + 0.01  # the strong backbone
+    assert calibrated >= max(averaging, best) - 0.005, [r[3] for r in runs]
+    if shots >= 4:  # with a few shots static weights or the gate leave averaging well behind
+        assert sum(r[3].chosen in (STATIC_WEIGHTS, GATE) for r in runs) >= 2, [r[3] for r in runs]
+        assert calibrated > best + 0.02, [r[3] for r in runs]
