@@ -301,7 +301,7 @@ def _demo(args) -> None:
     folders = digits_backbones(root)
     model = CLIPEnsembleModel.from_backbones(folders, labels=list(DIGIT_CLASSES))
     cache = FeatureCache(None)
-    print(f"\nBefore calibration (the gate is plain logit averaging), on {len(test)} held-out digits:")
+    print(f"\nBefore calibration (the gate is the mean of logits), on {len(test)} held-out digits:")
     print(f"{evaluate(model, test, cache=cache).table()}\n")
     report = calibrate(model, pool, shots=args.shots, seed=0, cache=cache)
     after = evaluate(model, test, cache=cache, support=report)  # with the baselines fitted on the same shots

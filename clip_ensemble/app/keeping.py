@@ -7,7 +7,6 @@ adds only the app's own rules: file size caps, and that a gate must fit the back
 from __future__ import annotations
 
 import base64
-import json
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from ..models.saved_gate import (
 )
 from .sessions import SessionGate, same_labels
 from .uploads import MAX_CONFIG_BYTES, MAX_GATE_FILE_BYTES, check_repo_id, parse_labels, split_labels
+from .wording import recorded_verdict
 
 GATE_FOLDER = "clip-ensemble-gate"
 BROWSER_PAYLOAD_VERSION = 1
@@ -143,9 +143,7 @@ class GateKeeping:
             )
         weights, cascade, cascade_weights = check_fits(saved, self.model.config, self._initial_gate, _FIX)
         calibration = saved.calibration
-        report = f"Gate {source}" + (f", calibrated on {calibration.get('dataset')}" if calibration else "") + "."
-        if calibration:
-            report += "\n\nIts calibration record:\n" + json.dumps(calibration, indent=2)
+        report = recorded_verdict(calibration) + f"\n\nGate {source}."
         return SessionGate(
             weights,
             calibration,

@@ -36,7 +36,7 @@ class SessionGate:
     def describe(self, current_labels: Sequence[str] | None = None) -> str:
         """The status line: always derived from the gate actually held."""
         if not self.calibrated:
-            text = "Gate: **not calibrated**: plain logit averaging, every backbone weighs the same."
+            text = "Gate: **not calibrated**: the mean of logits, every backbone weighs the same."
             return f"{self.expired} {text}" if self.expired else text
         info = self.calibration or {}
         if info:
@@ -49,7 +49,7 @@ class SessionGate:
         text += f", {self.source}; " if self.source else "; "
         chosen = info.get("chosen")
         if chosen and chosen != "gate":  # calibration kept a baseline: say which, not that the gate weighs anything
-            text += f"calibration kept {chosen} (the trained gate did not beat it)."
+            text += f"calibration kept the {chosen}: the gate did not beat it on held-out calibration images."
         else:
             text += "the gate weighs the backbones per image."
         if self.cascade is not None:

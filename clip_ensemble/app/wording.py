@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..calibration.calibrate import CalibrationReport
+from ..calibration.calibrate import CalibrationReport, describe_choice
 from ..evaluation.evaluate import EvaluationReport
 
 
@@ -15,8 +15,32 @@ def calibration_verdict(report: CalibrationReport) -> str:
     return f"Verdict: {report.verdict()}"
 
 
+def recorded_verdict(calibration: dict | None) -> str:
+    """A loaded gate's verdict, from the calibration record saved with it, in the words of a fresh calibration; then
+    what it was calibrated on. A record from another version, or edited by hand, gives what it can."""
+    if not calibration:
+        return "Verdict: this gate came without a calibration record, so what it kept and why is not known."
+    try:
+        text = "Verdict: " + describe_choice(
+            str(calibration["chosen"]),
+            {str(k): float(v) for k, v in calibration["cross_validated_accuracy"].items()},
+            {str(k): float(v) for k, v in (calibration.get("cross_validated_spread") or {}).items()},
+            int(calibration.get("folds") or 5),
+            str(calibration.get("best_single_backbone", "?")),
+            calibration.get("images") if isinstance(calibration.get("images"), int) else None,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        text = f"Verdict: {calibration.get('why') or 'not recorded'}"
+    details = [
+        f"{key.replace('_', ' ')}: {calibration[key]}"
+        for key in ("dataset", "shots", "images", "seed", "settings", "backbone_accuracy")
+        if calibration.get(key) not in (None, "", {})
+    ]
+    return text + ("\n\nCalibration record:\n" + "\n".join(f"  {line}" for line in details) if details else "")
+
+
 def verdict(report: EvaluationReport) -> str:
-    """Plain words on an evaluation: does the gate beat plain averaging and the best single backbone here, by how much."""
+    """Plain words on an evaluation: does the gate beat the mean of logits and the best single backbone here, by how much."""
     top1 = {row["method"]: row["top1"] for row in report.rows()}
     gate = top1.get(report.gate_method)
     averaging = top1.get("mean of logits")
@@ -35,15 +59,13 @@ def verdict(report: EvaluationReport) -> str:
             return f"ties with {name} ({_percent(accuracy)})"
         return f"{'beats' if diff > 0 else 'loses to'} {name} ({_percent(accuracy)}) by {abs(diff):.1f} points"
 
-    head = (
-        f"**Verdict on {n} images:** the gate scores {_percent(gate)} top-1; it {versus('plain averaging', averaging)}"
-    )
+    head = f"**Verdict on {n} images:** the gate scores {_percent(gate)} top-1; it {versus('the mean of logits', averaging)}"
     head += f" and {versus(f'{best_what}, {best_name},', best)}."
     if report.gate_method != "gate":
-        head += " The gate is not calibrated: it is plain averaging. Calibrate it first to compare."
+        head += " The gate is not calibrated: it is the mean of logits. Calibrate it first to compare."
     if n < 50:
         head += f" With {n} images, one image is {100 / n:.1f} points: treat small differences as noise."
     return head
 
 
-__all__ = ["calibration_verdict", "verdict"]
+__all__ = ["calibration_verdict", "recorded_verdict", "verdict"]

@@ -14,11 +14,48 @@ from ..models.modeling_clip_ensemble import CLIPEnsembleModel
 from .cascade_fitting import CHART_TOLERANCES, CascadeReport, fit_cascade
 from .fitting import BEST_BACKBONE, GATE, MEAN_OF_LOGITS, STATIC_WEIGHTS, Features, GateChoice, fit_calibrated_gate
 
+# What each candidate is, in the words every report uses (one name per method, as in the evaluate table).
+_WHAT = {
+    MEAN_OF_LOGITS: "the mean of logits (every backbone weighs the same)",
+    BEST_BACKBONE: "the best backbone alone ({best})",
+    STATIC_WEIGHTS: "static weights (one learned weight per backbone, the same for every image)",
+    GATE: "the gate (a learned weight per backbone for each image)",
+}
+
+
+def describe_choice(
+    chosen: str, accuracy: dict, spread: dict, folds: int, best_backbone: str, images: int | None = None
+) -> str:
+    """What calibration kept and why, from its cross-validated top-1 (mean and spread over folds, per candidate):
+    the words of the report, the app and the model card, for a gate just calibrated or loaded from its record."""
+    names = [name for name in (MEAN_OF_LOGITS, BEST_BACKBONE, STATIC_WEIGHTS, GATE) if name in accuracy]
+
+    def score(name: str) -> str:
+        return f"{100 * accuracy[name]:.1f}%" + (f" (± {100 * spread[name]:.1f})" if name in (spread or {}) else "")
+
+    def short(name: str) -> str:
+        return f"the best backbone ({best_backbone})" if name == BEST_BACKBONE else f"the {name}"
+
+    others = [f"{score(name)} for {short(name)}" for name in names if name != chosen]
+    on = f"the {images} calibration images" if images else "the calibration images"
+    held_out = "one held-out quarter of" if folds == 1 else f"{folds}-fold cross-validation on"
+    evidence = (
+        f" Right on {score(chosen)} of held-out images ({held_out} {on}, ± spread over folds), against "
+        f"{', '.join(others[:-1])}{' and ' if len(others) > 1 else ''}{others[-1]}."
+        if chosen in accuracy and others
+        else ""
+    )
+    return (
+        f"Kept {_WHAT.get(chosen, chosen).format(best=best_backbone)}.{evidence} A richer combination is kept only "
+        "when it is right more often by more than one standard error, or as often and more confidently (a lower "
+        "held-out cross-entropy)."
+    )
+
 
 @dataclass
 class CalibrationReport:
     """What a calibration chose and why: the cross-validated top-1 (mean and spread over folds) and cross-entropy,
-    which the choice compares, of the gate, of static per-backbone weights, of plain averaging and of the best
+    which the choice compares, of the gate, of static per-backbone weights, of the mean of logits and of the best
     backbone on the calibration images, and how long it took."""
 
     dataset: str
@@ -45,29 +82,9 @@ class CalibrationReport:
         return {name: value for name, value in asdict(self).items() if name != "support"}
 
     def verdict(self) -> str:
-        """One sentence: what calibration kept, and the cross-validated evidence for it."""
-        scores = {
-            name: f"{self.cv_loss[name]:.3f} ({100 * value:.1f}% ± {100 * self.cv_spread[name]:.1f})"
-            for name, value in self.cv_accuracy.items()
-        }
-        evidence = (
-            f"gate {scores[GATE]}, static weights {scores[STATIC_WEIGHTS]}, plain averaging "
-            f"{scores[MEAN_OF_LOGITS]}, best backbone ({self.best_backbone}) {scores[BEST_BACKBONE]}"
-        )
-        reason = {
-            GATE: "the per-image gate beat every simpler combination",
-            STATIC_WEIGHTS: "one learned weight per backbone beat plain averaging and the best backbone, and the "
-            "per-image gate did not beat it",
-            MEAN_OF_LOGITS: "no trained combination beat plain averaging, so the model keeps equal weights",
-            BEST_BACKBONE: f"one backbone alone beat averaging and no trained combination beat it, so every image "
-            f"goes to {self.best_backbone}",
-        }[self.chosen]
-        folds = "one held-out quarter" if self.num_folds == 1 else f"{self.num_folds}-fold cross-validation"
-        return (
-            f"Chose {self.chosen}: {reason} ({folds} on the calibration images; a candidate beats a simpler one when "
-            "right more often on the held-out images by more than one standard error, or, for static weights and the "
-            "gate, at least as often with a held-out cross-entropy lower by more than one standard error; held-out "
-            f"cross-entropy, and top-1 as mean ± spread over folds: {evidence})."
+        """What calibration kept and the cross-validated evidence for it, in plain words (see `describe_choice`)."""
+        return describe_choice(
+            self.chosen, self.cv_accuracy, self.cv_spread, self.num_folds, self.best_backbone, self.num_images
         )
 
     def __str__(self) -> str:
@@ -227,4 +244,4 @@ def _fit_cascade(
     return report
 
 
-__all__ = ["CalibrationReport", "calibrate"]
+__all__ = ["CalibrationReport", "calibrate", "describe_choice"]

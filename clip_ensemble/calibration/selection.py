@@ -38,13 +38,13 @@ class SelectionReport:
         shortlisted = [c for c in self.candidates if c["cv_accuracy"] is not None]
         rows = [
             f"  {'+'.join(c['subset'])}: {c['gflops']:.4g} GFLOPs, cross-validated top-1 {100 * c['cv_accuracy']:.1f}% "
-            f"(plain averaging {100 * c['averaging_accuracy']:.1f}%)"
+            f"(mean of logits {100 * c['averaging_accuracy']:.1f}%)"
             for c in shortlisted
         ]
         lines = [
             f"Budget {self.budget_gflops:.4g} GFLOPs/image: chose {'+'.join(self.chosen)} ({self.gflops:.4g} GFLOPs) "
             f"among {self.subsets_within_budget} subsets within budget; cross-validated on the shortlist ranked by "
-            f"plain averaging ({self.seconds:.1f} s):",
+            f"the mean of logits ({self.seconds:.1f} s):",
             *rows,
         ]
         if self.calibration is not None:

@@ -191,11 +191,11 @@ def _baselines_markdown(report: EvaluationReport) -> list[str]:
         "images' cached features: "
         "stacking (one static non-negative weight per backbone, fitted by cross-entropy from equal weights, a penalty "
         "toward equal weights), a linear probe (logistic regression on the concatenated normalised embeddings, "
-        "starting from plain averaging's zero-shot heads with an L2 penalty pulling it back to them, its correction "
+        "starting from the mean of logits' zero-shot heads with an L2 penalty pulling it back to them, its correction "
         "in the top principal directions of the calibration embeddings), and Tip-Adapter (training-free: a cache of "
         "the calibration embeddings per backbone, zero-shot logits + alpha x cache logits, averaged over backbones). "
         "Each chose its hyper-parameters from a small grid by cross-validation on the calibration images alone "
-        "(never on this split); ties go to the setting closest to plain averaging.",
+        "(never on this split); ties go to the setting closest to the mean of logits.",
         "",
         "| method | chosen by cross-validation | cross-validated top-1 (%) |",
         "|---|---|---:|",

@@ -129,7 +129,7 @@ def build_model_card(
         calibration = "\n".join(_calibration_rows(config.calibration))
         calibration = f"| | |\n|---|---|\n{calibration}"
     else:
-        calibration = "Not calibrated: the gate gives every backbone the same weight (plain logit averaging)."
+        calibration = "Not calibrated: the gate gives every backbone the same weight (the mean of logits)."
     if evaluations:
         tables = "\n\n".join(entry["table"] for entry in evaluations)
         evaluation = (

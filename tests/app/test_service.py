@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import json
+import re
 import shutil
 import threading
 import zipfile
@@ -22,7 +23,7 @@ from clip_ensemble.app import service
 from clip_ensemble.app.keeping import GATE_FOLDER
 from clip_ensemble.app.service import SharedEnsemble
 from clip_ensemble.app.sessions import GateStore, SessionGate
-from clip_ensemble.app.wording import calibration_verdict, verdict
+from clip_ensemble.app.wording import calibration_verdict, recorded_verdict, verdict
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 LABELS = ", ".join(TOY_CLASSES)
@@ -60,7 +61,7 @@ def test_before_calibration_the_gate_is_plain_averaging_and_says_so(ensemble, pr
     assert len(prediction.top) == 3 and set(prediction.top) <= set(TOY_CLASSES)
     assert list(prediction.gate_weights.values()) == pytest.approx([1 / 3] * 3)
     assert list(prediction.gate_weights) == ["toy-clip-0", "toy-clip-1", "toy-clip-2"]
-    assert "not calibrated" in prediction.note and "plain logit averaging" in prediction.note
+    assert "not calibrated" in prediction.note and "the mean of logits" in prediction.note
     total = sum(ensemble.model.backbone_gflops)
     assert f"needed {len(ensemble.names)} of {len(ensemble.names)} backbones, {total:.3g} GFLOPs" in prediction.note
     assert [row["top label"] in TOY_CLASSES for row in prediction.backbones] == [True] * 3
@@ -410,13 +411,24 @@ def test_uploads_are_summed_up_before_calibration(ensemble, toy_uploads):
     assert "1 images per label were used (as many as the smallest); 10 left out" in gate.report
 
 
-def test_the_calibration_report_gives_its_verdict_first(calibrated):
-    assert calibrated.report.startswith("Verdict: ")
+def test_the_calibration_report_gives_its_verdict_first_and_a_loaded_gate_the_same(ensemble, calibrated, tmp_path):
+    assert calibrated.report.startswith("Verdict: Kept the ")
     assert calibrated.report.index("Verdict") < calibrated.report.index("Details:")
-    own = SimpleNamespace(verdict=lambda: "Chose mean of logits: the trained gate did not beat plain averaging.")
-    assert calibration_verdict(own) == "Verdict: Chose mean of logits: the trained gate did not beat plain averaging."
+    verdict_line = calibrated.report.split("\n\n")[0]
+    assert re.search(r"of held-out images \(5-fold cross-validation on the \d+ calibration images", verdict_line)
+    assert "plain averaging" not in calibrated.report and "cross-entropy)." in verdict_line  # no loss values
+    own = SimpleNamespace(verdict=lambda: "Kept the mean of logits.")
+    assert calibration_verdict(own) == "Verdict: Kept the mean of logits."
     kept = SessionGate(weights={}, calibration={"dataset": "x", "shots": 1, "images": 2, "chosen": "mean of logits"})
-    assert "calibration kept mean of logits (the trained gate did not beat it)" in kept.describe()
+    assert "calibration kept the mean of logits: the gate did not beat it" in kept.describe()
+
+    # Loaded back, the gate tells the same verdict from its record, then what it was calibrated on; never raw JSON.
+    loaded = ensemble.load_gate([ensemble.save_zip(calibrated, LABELS, tmp_path / "out")])
+    assert loaded.report.startswith(verdict_line) and "Calibration record:\n  dataset: " in loaded.report
+    assert "{" not in loaded.report.split("Calibration record:")[0]
+    assert recorded_verdict(None).startswith("Verdict: this gate came without a calibration record")
+    edited = {**calibrated.calibration, "cross_validated_accuracy": "lots"}  # a record edited by hand
+    assert recorded_verdict(edited).startswith(f"Verdict: {calibrated.calibration['why']}")
 
 
 def test_evaluate_on_a_zip_of_class_folders_with_a_verdict(ensemble, calibrated, tmp_path):
@@ -437,7 +449,7 @@ def test_evaluate_on_a_zip_of_class_folders_with_a_verdict(ensemble, calibrated,
     assert "__MACOSX/photos/red/._0.png (a hidden or system file)): 18 images, 6 labels" in report.table()
     text = verdict(report)
     assert text.startswith("**Verdict on 18 images:** the gate scores")
-    assert "plain averaging" in text and "toy-clip-0" in text and "treat small differences as noise" in text
+    assert "the mean of logits" in text and "toy-clip-0" in text and "treat small differences as noise" in text
     with zipfile.ZipFile(tmp_path / "flat.zip", "w") as zipped:
         zipped.writestr("1.png", b"x")
     with pytest.raises(ValueError, match="one folder of images per label"):
