@@ -57,9 +57,13 @@ def check_path_or_hub_id(value: str, what: str) -> str:
     return value
 
 
+class HubUnreachable(ValueError):
+    """The Hub did not answer: the fix (HF_HUB_OFFLINE, local folders) is for whoever runs the program."""
+
+
 def require_hub(repo_ids: list[str]) -> None:
     """Before the first Hub call for `repo_ids` (nothing when there are none or HF_HUB_OFFLINE is set): one request
-    to the Hub with a 5 s timeout and no retry; unreachable -> a ValueError with the offline fix."""
+    to the Hub with a 5 s timeout and no retry; unreachable -> `HubUnreachable` (a ValueError) with the offline fix."""
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
@@ -68,10 +72,10 @@ def require_hub(repo_ids: list[str]) -> None:
     try:
         get_session().head(constants.ENDPOINT, timeout=5)  # any HTTP answer, even an error status, means reachable
     except Exception as error:  # the HTTP client's transport errors: no route, DNS, refused, timeout
-        raise ValueError(
+        raise HubUnreachable(
             f"Cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({type(error).__name__}: {error}) to fetch "
             f"{', '.join(repr(r) for r in repo_ids[:3])}{' ...' if len(repo_ids) > 3 else ''}. {OFFLINE_FIX}"
         ) from None
 
 
-__all__ = ["OFFLINE_FIX", "check_path_or_hub_id", "looks_like_path", "require_hub"]
+__all__ = ["HubUnreachable", "OFFLINE_FIX", "check_path_or_hub_id", "looks_like_path", "require_hub"]

@@ -12,6 +12,7 @@ a lock of their own, so that classifying never waits for another visitor's calib
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 import threading
@@ -33,6 +34,7 @@ from ..data.labelled import LabelledImages, from_lists, load_labelled_data, samp
 from ..evaluation.evaluate import EvaluationReport, align_labels, evaluate_embeddings
 from ..models.modeling_clip_ensemble import CLIPEnsembleModel
 from ..models.processing_clip_ensemble import ImageInput, load_image, too_large
+from ..sources import HubUnreachable
 from .keeping import GateKeeping
 from .sessions import SessionGate
 from .uploads import (
@@ -50,6 +52,7 @@ from .uploads import (
 from .wording import calibration_verdict
 
 EMBED_CHUNK = 32  # images per progress step
+logger = logging.getLogger(__name__)
 _HEAD_CACHE_SIZE = 32  # label sets whose zero-shot heads stay cached in the shared model
 
 # Called as progress(fraction done, description); `gr.Progress` instances fit.
@@ -258,12 +261,19 @@ class SharedEnsemble(GateKeeping):
             raise ValueError("Give the split to use, e.g. 'train' or 'test'.")
         try:
             return load_labelled_data(dataset, split=split)
+        except HubUnreachable as error:  # the fix is the operator's: the log has it, the visitor gets what they can do
+            logger.warning("A visitor asked for the Hub dataset '%s': %s", dataset, error)
+            raise ValueError(
+                f"This server cannot reach the Hugging Face Hub right now, so the dataset '{dataset}' cannot be "
+                "loaded. Use your own images instead (upload them per label), or try again later."
+            ) from None
         except ValueError:
             raise
         except Exception as error:  # datasets raises many types: connection, not found, bad split
+            logger.warning("Loading split '%s' of the Hub dataset '%s' failed: %r", split, dataset, error)
             raise ValueError(
                 f"Could not load split '{split}' of the Hub dataset '{dataset}': {error}. Check the id and the split "
-                "on huggingface.co/datasets; offline, this needs the dataset in the local cache."
+                "on huggingface.co/datasets; if they are right, upload your own images instead, or try again later."
             ) from None
 
     def calibrate_hub(

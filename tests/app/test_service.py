@@ -24,6 +24,8 @@ from clip_ensemble.app.keeping import GATE_FOLDER
 from clip_ensemble.app.service import SharedEnsemble
 from clip_ensemble.app.sessions import GateStore, SessionGate
 from clip_ensemble.app.wording import calibration_verdict, recorded_verdict, verdict
+from clip_ensemble.data import labelled
+from clip_ensemble.sources import HubUnreachable
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 LABELS = ", ".join(TOY_CLASSES)
@@ -171,13 +173,24 @@ def test_calibrate_and_evaluate_on_a_hub_dataset(ensemble, monkeypatch):
     assert whole.table().startswith("someone/colours (test): 36 images, 6 labels")
 
 
-def test_hub_dataset_problems_name_the_fix(ensemble, monkeypatch):
+def test_hub_dataset_problems_name_the_fix(ensemble, monkeypatch, caplog):
     def unreachable(*_, **__):
         raise ConnectionError("Couldn't reach 'someone/colours' on the Hub (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(ValueError, match=r"Could not load split 'train' of the Hub dataset 'someone/colours'.*id"):
         ensemble.calibrate_hub(SessionGate(), "someone/colours", "train", 2)
+
+    # No Hub from the server: the visitor is told what they can do; the operator's fix goes to the log.
+    def no_hub(repo_ids):
+        raise HubUnreachable("Cannot reach the Hugging Face Hub ... set HF_HUB_OFFLINE=1; or pass local folders")
+
+    monkeypatch.setattr(labelled, "require_hub", no_hub)
+    with caplog.at_level("WARNING", logger=service.__name__), pytest.raises(ValueError) as error:
+        ensemble.calibrate_hub(SessionGate(), "someone/colours", "train", 2)
+    assert "cannot reach the Hugging Face Hub right now" in str(error.value) and "upload them" in str(error.value)
+    assert "HF_HUB_OFFLINE" not in str(error.value) and "HF_HUB_OFFLINE=1" in caplog.text
+    monkeypatch.undo()
     monkeypatch.setattr(datasets, "load_dataset", _toy_hub_dataset)
     with pytest.raises(ValueError, match="shots=9 but class 'red' has only 6 images"):
         ensemble.calibrate_hub(SessionGate(), "someone/colours", "train", 9)
