@@ -77,7 +77,8 @@ def _shown(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (ValueError, TypeError) as error:
-            raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from None
+            # duration=None: the message stays until the visitor closes it, not ten seconds.
+            raise gr.Error(html.escape(str(error), quote=False), duration=None, print_exception=False) from None
 
     return wrapper
 
@@ -246,127 +247,131 @@ def build_demo(
         )
         status = gr.Markdown(SessionGate().describe(), elem_id="status")
 
-        with gr.Tab("Calibrate", elem_id="calibrate-tab"):
-            with gr.Tab("Upload images"):
-                gr.Markdown(
-                    f"Upload a few images for each label (at most {MAX_UPLOAD_LABELS} labels, "
-                    f"{MAX_IMAGES_PER_LABEL} images each, {MAX_FILE_SIZE} a file). The files stay with their label "
-                    "when you edit the labels."
-                )
-                if examples:
-                    use_example = gr.Button("Try the example: toy colour images", size="sm", elem_id="use-example")
-                boxes, previews, cells = [], [], []
-                first = split_labels(DEFAULT_LABELS)
-                for row in range(0, MAX_UPLOAD_LABELS, UPLOADS_PER_ROW):
-                    with gr.Row(equal_height=True, elem_classes="upload-row"):
-                        for i in range(row, min(row + UPLOADS_PER_ROW, MAX_UPLOAD_LABELS)):
-                            # One cell per label: the files, titled with the label and their count, and thumbnails.
-                            with gr.Column(visible=i < len(first), min_width=200) as cell:
-                                boxes.append(
-                                    _quiet(
-                                        gr.File(
-                                            file_count="multiple",
-                                            file_types=["image"],
-                                            elem_id=f"upload-{i}",
-                                            height=150,
-                                            label=_box_title(first[i], []) if i < len(first) else None,
+        with gr.Tabs(overflow_behavior="wrap"):  # on a phone the tabs wrap: none hides behind "..."
+            with gr.Tab("Calibrate", elem_id="calibrate-tab"):
+                with gr.Tab("Upload images"):
+                    gr.Markdown(
+                        f"Upload a few images for each label (at most {MAX_UPLOAD_LABELS} labels, "
+                        f"{MAX_IMAGES_PER_LABEL} images each, {MAX_FILE_SIZE} a file). The files stay with their label "
+                        "when you edit the labels."
+                    )
+                    if examples:
+                        use_example = gr.Button("Try the example: toy colour images", size="sm", elem_id="use-example")
+                    boxes, previews, cells = [], [], []
+                    box_names = [f"images_{i + 1}" for i in range(MAX_UPLOAD_LABELS)]  # the API's names for the boxes
+                    first = split_labels(DEFAULT_LABELS)
+                    for row in range(0, MAX_UPLOAD_LABELS, UPLOADS_PER_ROW):
+                        with gr.Row(equal_height=True, elem_classes="upload-row"):
+                            for i in range(row, min(row + UPLOADS_PER_ROW, MAX_UPLOAD_LABELS)):
+                                # One cell per label: the files, titled with the label and their count, and thumbnails.
+                                with gr.Column(visible=i < len(first), min_width=200) as cell:
+                                    boxes.append(
+                                        _quiet(
+                                            gr.File(
+                                                file_count="multiple",
+                                                file_types=["image"],
+                                                elem_id=f"upload-{i}",
+                                                height=150,
+                                                label=_box_title(first[i], []) if i < len(first) else None,
+                                            )
                                         )
                                     )
-                                )
-                                previews.append(
-                                    gr.Gallery(
-                                        show_label=False,
-                                        columns=6,
-                                        fit_columns=False,  # small thumbnails even for a few files
-                                        height=130,
-                                        object_fit="contain",
-                                        allow_preview=False,
-                                        interactive=False,
-                                        elem_id=f"preview-{i}",
-                                        elem_classes="upload-preview",
+                                    previews.append(
+                                        gr.Gallery(
+                                            show_label=False,
+                                            columns=6,
+                                            fit_columns=False,  # small thumbnails even for a few files
+                                            height=130,
+                                            object_fit="contain",
+                                            allow_preview=False,
+                                            interactive=False,
+                                            elem_id=f"preview-{i}",
+                                            elem_classes="upload-preview",
+                                        )
                                     )
-                                )
-                            cells.append(cell)
-                upload_note = gr.Markdown(elem_id="upload-note")
-                calibrate_uploads = gr.Button("Calibrate on the uploads", variant="primary", elem_id="calibrate")
-            with gr.Tab("Hub dataset"):
-                with gr.Row():
-                    cal_dataset = gr.Textbox(label="Dataset id", placeholder="tanganke/eurosat")
-                    cal_split = gr.Textbox("train", label="Split")
-                    shots = gr.Slider(1, MAX_SHOTS, value=4, step=1, label="Images per label (k)")
-                calibrate_hub = gr.Button("Calibrate on the dataset", variant="primary")
-            report = gr.Textbox(label="Calibration report", lines=12, interactive=False, elem_id="report")
+                                cells.append(cell)
+                    upload_note = gr.Markdown(elem_id="upload-note")
+                    calibrate_uploads = gr.Button("Calibrate on the uploads", variant="primary", elem_id="calibrate")
+                with gr.Tab("Hub dataset"):
+                    with gr.Row():
+                        cal_dataset = gr.Textbox(label="Dataset id", placeholder="tanganke/eurosat")
+                        cal_split = gr.Textbox("train", label="Split")
+                        shots = gr.Slider(1, MAX_SHOTS, value=4, step=1, label="Images per label (k)")
+                    calibrate_hub = gr.Button("Calibrate on the dataset", variant="primary")
+                report = gr.Textbox(label="Calibration report", lines=12, interactive=False, elem_id="report")
 
-        with gr.Tab("Classify", elem_id="classify-tab"):
-            with gr.Row():
-                with gr.Column(min_width=240):
-                    image = _undecoded(gr.Image(type="filepath", label="Image", elem_id="classify-image", height=280))
-                    top_k = gr.Slider(1, 10, value=5, step=1, label="Top k")
-                    classify = gr.Button("Classify", variant="primary", elem_id="classify")
-                    if examples:
-                        gr.Examples(
-                            [[files[-1]] for files in examples.values()], inputs=[image], label="Example images"
+            with gr.Tab("Classify", elem_id="classify-tab"):
+                with gr.Row():
+                    with gr.Column(min_width=240):
+                        image = _undecoded(
+                            gr.Image(type="filepath", label="Image", elem_id="classify-image", height=280)
                         )
-                with gr.Column(min_width=240):
-                    top = gr.Label(label="Ensemble", elem_id="prediction")
-                    note = gr.Markdown(elem_id="classify-note")
-            with gr.Row():
-                per_backbone = gr.Dataframe(label="Each backbone", interactive=False, elem_id="per-backbone")
-                weights = gr.BarPlot(
-                    x="backbone",
-                    y="weight",
-                    label="Gate weights for this image",
-                    y_lim=[0, None],
-                    elem_id="gate-weights",
-                )
-
-        with gr.Tab("Evaluate", elem_id="evaluate-tab"):
-            with gr.Tab("Your images"):
-                gr.Markdown(
-                    "Upload a zip with one folder of images per label (`cat/1.jpg`, `dog/2.png` ...; the folder names "
-                    "are the labels). Use other images than the calibration ones."
-                )
-                eval_zip = _quiet(gr.File(label="Zip of class folders", file_types=[".zip"], elem_id="eval-zip"))
-                evaluate_zip = gr.Button("Evaluate on these images", variant="primary", elem_id="evaluate-zip")
-            with gr.Tab("Hub dataset"):
+                        top_k = gr.Slider(1, 10, value=5, step=1, label="Top k")
+                        classify = gr.Button("Classify", variant="primary", elem_id="classify")
+                        if examples:
+                            gr.Examples(
+                                [[files[-1]] for files in examples.values()], inputs=[image], label="Example images"
+                            )
+                    with gr.Column(min_width=240):
+                        top = gr.Label(label="Ensemble", elem_id="prediction")
+                        note = gr.Markdown(elem_id="classify-note")
                 with gr.Row():
-                    eval_dataset = gr.Textbox(label="Dataset id", placeholder="tanganke/eurosat")
-                    eval_split = gr.Textbox("test", label="Split")
-                    max_images = gr.Number(
-                        500, label="At most this many images", precision=0, minimum=1, maximum=MAX_HUB_IMAGES
+                    per_backbone = gr.Dataframe(label="Each backbone", interactive=False, elem_id="per-backbone")
+                    weights = gr.BarPlot(
+                        x="backbone",
+                        y="weight",
+                        label="Gate weights for this image",
+                        y_lim=[0, None],
+                        elem_id="gate-weights",
                     )
-                evaluate = gr.Button("Evaluate", variant="primary")
-            table = gr.Markdown(elem_id="evaluation")
 
-        with gr.Tab("Save / load", elem_id="save-tab"):
-            gr.Markdown(
-                "Download the calibrated gate (unzip, then `CLIPEnsembleModel.from_pretrained('clip-ensemble-gate')`; "
-                "the backbones load from their own repos) or push it to your Hub account. The zip carries the labels "
-                "and figures of the gate's own calibration."
-            )
-            download = gr.Button("Download the gate (.zip)", elem_id="download")
-            archive = gr.File(label="Gate", interactive=False, elem_id="archive")
-            with gr.Row():
-                repo_id = gr.Textbox(label="Repo id", placeholder="your-name/my-clip-gate")
-                token = gr.Textbox(label="Access token (write)", type="password", info="used for this push only")
-                private = gr.Checkbox(True, label="Private repo")
-            push = gr.Button("Push to the Hub")
-            pushed = gr.Markdown()
-            gr.Markdown(
-                "**Load a gate back**: the downloaded zip (or its `config.json` and `gate.safetensors`), or a Hub "
-                "repo id. It must be for the backbones loaded here."
-            )
-            with gr.Row():
-                gate_files = _quiet(
-                    gr.File(
-                        label="Gate zip, or config.json + gate.safetensors",
-                        file_count="multiple",
-                        file_types=[".zip", ".json", ".safetensors"],
-                        elem_id="gate-files",
+            with gr.Tab("Evaluate", elem_id="evaluate-tab"):
+                with gr.Tab("Your images"):
+                    gr.Markdown(
+                        "Upload a zip with one folder of images per label (`cat/1.jpg`, `dog/2.png` ...; the folder names "
+                        "are the labels). Use other images than the calibration ones."
                     )
+                    eval_zip = _quiet(gr.File(label="Zip of class folders", file_types=[".zip"], elem_id="eval-zip"))
+                    evaluate_zip = gr.Button("Evaluate on these images", variant="primary", elem_id="evaluate-zip")
+                with gr.Tab("Hub dataset"):
+                    with gr.Row():
+                        eval_dataset = gr.Textbox(label="Dataset id", placeholder="tanganke/eurosat")
+                        eval_split = gr.Textbox("test", label="Split")
+                        max_images = gr.Number(
+                            500, label="At most this many images", precision=0, minimum=1, maximum=MAX_HUB_IMAGES
+                        )
+                    evaluate = gr.Button("Evaluate", variant="primary")
+                table = gr.Markdown(elem_id="evaluation")
+
+            with gr.Tab("Save / load", elem_id="save-tab"):
+                gr.Markdown(
+                    "Download the calibrated gate (unzip, then `CLIPEnsembleModel.from_pretrained('clip-ensemble-gate')`; "
+                    "the backbones load from their own repos) or push it to your Hub account. The zip carries the labels "
+                    "and figures of the gate's own calibration."
                 )
-                gate_repo = gr.Textbox(label="or a Hub repo id", placeholder="your-name/my-clip-gate")
-            load_gate = gr.Button("Load the gate", elem_id="load-gate")
+                download = gr.Button("Download the gate (.zip)", elem_id="download")
+                archive = gr.File(label="Gate", interactive=False, elem_id="archive")
+                with gr.Row():
+                    repo_id = gr.Textbox(label="Repo id", placeholder="your-name/my-clip-gate")
+                    token = gr.Textbox(label="Access token (write)", type="password", info="used for this push only")
+                    private = gr.Checkbox(True, label="Private repo")
+                push = gr.Button("Push to the Hub")
+                pushed = gr.Markdown()
+                gr.Markdown(
+                    "**Load a gate back**: the downloaded zip (or its `config.json` and `gate.safetensors`), or a Hub "
+                    "repo id. It must be for the backbones loaded here."
+                )
+                with gr.Row():
+                    gate_files = _quiet(
+                        gr.File(
+                            label="Gate zip, or config.json + gate.safetensors",
+                            file_count="multiple",
+                            file_types=[".zip", ".json", ".safetensors"],
+                            elem_id="gate-files",
+                        )
+                    )
+                    gate_repo = gr.Textbox(label="or a Hub repo id", placeholder="your-name/my-clip-gate")
+                load_gate = gr.Button("Load the gate", elem_id="load-gate")
 
         # The status line and the browser's copy always follow the gate the server holds for this session.
         def refresh(labels_text, request: gr.Request):
@@ -426,8 +431,9 @@ def build_demo(
                 event(on_files, [labels, box, *boxes], [box, preview, upload_note], api_visibility="private")
 
         @_shown
-        def on_calibrate_uploads(labels_text, boxes_labels, request: gr.Request, progress=PROGRESS, *uploads):
-            # `progress` precedes the uploads: Gradio looks for it among the named positional parameters only.
+        def on_calibrate_uploads(labels_text, boxes_labels, request: gr.Request, progress=PROGRESS, **uploads):
+            # The upload boxes come by name (images_1, images_2, ...: the API's names for them).
+            uploads = [uploads[name] for name in box_names]
             if boxes_labels is not None and boxes_labels != split_labels(labels_text)[:MAX_UPLOAD_LABELS]:
                 raise ValueError("The upload boxes are still following the labels you edited; click Calibrate again.")
             gate = ensemble.calibrate_uploads(held(request), labels_text, uploads, progress)
@@ -485,7 +491,11 @@ def build_demo(
 
         then_keep(
             calibrate_uploads.click(
-                on_calibrate_uploads, [labels, bound, *boxes], [report, status], api_name="calibrate_uploads"
+                on_calibrate_uploads,
+                [labels, bound],
+                [report, status],
+                inputs_kwargs=dict(zip(box_names, boxes)),
+                api_name="calibrate_uploads",
             )
         )
         then_keep(

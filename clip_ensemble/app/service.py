@@ -179,10 +179,17 @@ class SharedEnsemble(GateKeeping):
         notes: Sequence[str] = (),
     ) -> SessionGate:
         _, seconds, computed = self._embed(cache, data.images, progress)
-        progress(1.0, "Training the gate")
+        progress(0.0, "Training the gate")
         with self._fitting_lock:  # not the shared model's lock: Classify goes on meanwhile
             model = self._fitting_model
-            report = calibrate(model, data, shots=shots, seed=0, cache=cache, progress=False)
+            report = calibrate(
+                model,
+                data,
+                shots=shots,
+                seed=0,
+                cache=cache,
+                progress=lambda fraction, what: progress(fraction, f"Training the gate: {what}"),
+            )
             weights, calibration = _state_copy(model.gate), dict(model.config.calibration)
             _trim_heads(model)
         # The backbones ran before the lock; count that work in the report.

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data.features import FeatureCache
 from ..data.labelled import LabelledImages, load_labelled_data, sample_few_shot
 from ..models.gate import combine_logits
 from ..models.modeling_clip_ensemble import CLIPEnsembleModel
 from .cascade_fitting import CHART_TOLERANCES, CascadeReport, fit_cascade
-from .fitting import BEST_BACKBONE, GATE, MEAN_OF_LOGITS, STATIC_WEIGHTS, Features, GateChoice, fit_calibrated_gate
+from .fitting import (
+    BEST_BACKBONE,
+    GATE,
+    MEAN_OF_LOGITS,
+    STATIC_WEIGHTS,
+    Features,
+    FitProgress,
+    GateChoice,
+    fit_calibrated_gate,
+)
 
 # What each candidate is, in the words every report uses (one name per method, as in the evaluate table).
 _WHAT = {
@@ -103,6 +115,21 @@ class CalibrationReport:
         return "\n".join(lines)
 
 
+@contextmanager
+def _fit_progress(progress: bool | FitProgress) -> Iterator[FitProgress | None]:
+    """The fitting's progress callback: `progress` itself when callable, a tqdm bar when True, none when False."""
+    if callable(progress) or not progress:
+        yield progress or None
+        return
+    with tqdm(total=100, desc="Fitting", unit="%", bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}") as bar:
+
+        def report(fraction: float, description: str) -> None:
+            bar.n = round(100 * fraction)
+            bar.set_postfix_str(description)
+
+        yield report
+
+
 def calibrate(
     model: CLIPEnsembleModel,
     data,
@@ -112,7 +139,7 @@ def calibrate(
     split: str = "train",
     cache: FeatureCache | None = None,
     batch_size: int = 32,
-    progress: bool = True,
+    progress: bool | FitProgress = True,
     cascade_tolerance: float | None = None,
 ) -> CalibrationReport:
     """Fit `model`'s gate on `shots` labelled images per class of `data`; the backbones stay frozen.
@@ -123,6 +150,8 @@ def calibrate(
     `data` is a `LabelledImages`, an image folder, a `datasets.Dataset` or a Hub dataset id (`split` is used for
     the last two). The model takes the data's label names. Image embeddings come from `cache` (by default the
     on-disk cache), so a second calibration on the same images runs no backbone. Deterministic for a seed.
+    `progress`: True shows progress bars (embedding, then fitting: folds and training steps), False shows none, and
+    a callable `progress(fraction, description)` hears of the fitting instead.
 
     `cascade_tolerance` (e.g. 0.01, one point of top-1) also fits a cascade (`clip_ensemble.calibration.cascade_fitting.fit_cascade`):
     backbones run cheapest first and an image stops once the rest are unlikely to change its answer, with the
@@ -145,7 +174,7 @@ def calibrate(
     cache = FeatureCache() if cache is None else cache
 
     started = time.perf_counter()
-    embeds = cache.embed(model.backbones, support.images, batch_size=batch_size, progress=progress)
+    embeds = cache.embed(model.backbones, support.images, batch_size=batch_size, progress=progress is True)
     feature_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -155,7 +184,8 @@ def calibrate(
         per_backbone_logits = model.zero_shot_logits(embeds)  # (n, B, C), fixed while fitting
     labels = torch.tensor(support.labels, device=device)
     features = Features(torch.cat(embeds, dim=-1), per_backbone_logits, labels)
-    choice = fit_calibrated_gate(model.gate, features, seed=seed)
+    with _fit_progress(progress) as report_progress:
+        choice = fit_calibrated_gate(model.gate, features, seed=seed, progress=report_progress)
     gate_seconds = time.perf_counter() - started
     cascade = None
     model.set_cascade(None)

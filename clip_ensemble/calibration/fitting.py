@@ -17,6 +17,13 @@ from torch import nn
 from ..models.cascade import margins
 from ..models.gate import EnsembleGate, combine_logits
 
+# Called as progress(fraction done, what is being done); `gr.Progress` instances and tqdm wrappers fit.
+FitProgress = Callable[[float, str], object]
+
+
+def _no_progress(fraction: float, description: str) -> None:
+    pass
+
 
 class Features(NamedTuple):
     """Cached calibration features; no backbone runs while fitting on them."""
@@ -246,6 +253,7 @@ def _cross_validate_gate(
     *,
     seed: int,
     keep_states: bool,
+    progress: FitProgress = _no_progress,
 ) -> _GatePath:
     """Train on each fold's training part (from that fold's static weights, `starts`), scoring its held-out part at
     every length in `STEP_CHOICES`; a fold's path stops once its held-out cross-entropy keeps rising, and later folds
@@ -260,12 +268,13 @@ def _cross_validate_gate(
     )
     last_step = STEP_CHOICES[-1]
     everything = set(range(len(features.labels)))
-    for fold, start in zip(folds, starts):
+    for f, (fold, start) in enumerate(zip(folds, starts)):
         train, val, rows = features.subset(sorted(everything - set(fold))), features.subset(fold), row[fold]
         fold_losses: list[float] = []
 
         @torch.no_grad()
-        def checkpoint(step: int, val=val, rows=rows, fold_losses=fold_losses) -> bool:
+        def checkpoint(step: int, val=val, rows=rows, fold_losses=fold_losses, f=f, most=last_step) -> bool:
+            progress((f + step / most) / len(folds), f"fold {f + 1} of {len(folds)}, step {step} of at most {most}")
             logits = combine_logits(val.logits, gate(val.gate_inputs))
             path.predictions[step][rows], path.margins[step][rows] = logits.argmax(-1), margins(logits)
             path.losses[step][rows] = nn.functional.cross_entropy(logits, val.labels, reduction="none")
@@ -316,7 +325,14 @@ def _beats(
     return bool(gain.mean() > gain.std(correction=0) / math.sqrt(len(gain)))
 
 
-def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0, num_folds: int = 5) -> GateChoice:
+def fit_calibrated_gate(
+    gate: EnsembleGate,
+    features: Features,
+    *,
+    seed: int = 0,
+    num_folds: int = 5,
+    progress: FitProgress | None = None,
+) -> GateChoice:
     """Fit `gate` in place on `features`, keeping a simpler combination when the gate does not help.
 
     The candidates, from the simplest to the richest:
@@ -335,8 +351,9 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     top-1 evidence). The chosen candidate is refitted on all the examples. From `SINGLE_SPLIT_FROM` examples on, one
     held-out quarter is scored instead of k folds, and a chosen gate is the one trained on the other three quarters.
     The chosen candidate's out-of-fold answers come back in `GateChoice.out_of_fold` (the cascade fits its stopping
-    rule on them).
+    rule on them). `progress(fraction, description)` hears of each fold and of the gate's training steps.
     """
+    progress = progress or _no_progress
     features = Features(*features)
     labels, device = features.labels, features.labels.device
     n = len(labels)
@@ -360,7 +377,8 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
     losses = {name: torch.zeros(len(scored), device=device) for name in held_out}
     static_out = mean_logits.new_zeros(len(STATIC_PENALTIES), len(scored), num_classes)
     static_paths = []
-    for fold, train in zip(folds, trains):
+    for f, (fold, train) in enumerate(zip(folds, trains)):
+        progress(0.1 * f / len(folds), f"Static weights: fold {f + 1} of {len(folds)}")
         train_best = int(single_correct[train].float().mean(0).argmax())
         for name, logits, view in (
             (MEAN_OF_LOGITS, mean_logits, view_logits.mean(1)),
@@ -381,7 +399,16 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
 
     # The gate, from each fold's chosen static weights.
     starts = [path[static_index] for path in static_paths]
-    gate_path = _cross_validate_gate(gate, features, folds, row, starts, seed=seed, keep_states=single_split)
+    gate_path = _cross_validate_gate(
+        gate,
+        features,
+        folds,
+        row,
+        starts,
+        seed=seed,
+        keep_states=single_split,
+        progress=lambda fraction, what: progress(0.1 + 0.75 * fraction, f"The gate, cross-validated: {what}"),
+    )
     steps = min(gate_path.reached, key=lambda s: float(gate_path.losses[s].mean()))  # ties: the shortest
     out_of_fold[GATE] = OutOfFold(scored, gate_path.predictions[steps], gate_path.margins[steps])
     losses[GATE] = gate_path.losses[steps]
@@ -410,6 +437,7 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
             gate.load_state_dict(gate_path.states[steps])
             settings["trained_on"] = f"{n - len(folds[0])} of {n} examples"
         else:
+            progress(0.85, f"The gate: training on all {n} images for {steps} steps")
             _train_gate(gate, features, steps, static_bias, seed=seed)
     elif chosen == BEST_BACKBONE:
         set_best_backbone(gate, best)
@@ -418,6 +446,7 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
             torch.manual_seed(seed)
             gate.reset_parameters()
     gate.eval()
+    progress(1.0, f"Kept the {chosen}")
     fold_accuracy = {name: [float(hits[row[fold]].float().mean()) for fold in folds] for name, hits in correct.items()}
     return GateChoice(
         chosen=chosen,
@@ -434,6 +463,7 @@ def fit_calibrated_gate(gate: EnsembleGate, features: Features, *, seed: int = 0
 __all__ = [
     "BEST_BACKBONE",
     "Features",
+    "FitProgress",
     "GATE",
     "GateChoice",
     "MEAN_OF_LOGITS",

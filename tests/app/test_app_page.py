@@ -92,6 +92,14 @@ def app_url(toy_backbone_dirs, app_folder) -> Iterator[str]:
         yield url
 
 
+def test_the_api_names_every_input(app_url):
+    info = Client(app_url, verbose=False).view_api(print_info=False, return_format="dict")
+    calibrate = [p["parameter_name"] for p in info["named_endpoints"]["/calibrate_uploads"]["parameters"]]
+    assert calibrate == ["labels_text"] + [f"images_{i + 1}" for i in range(MAX_UPLOAD_LABELS)]
+    for endpoint in info["named_endpoints"].values():
+        assert not any(p["parameter_name"].startswith("param_") for p in endpoint["parameters"])
+
+
 def _uploads(toy_uploads: dict[str, list[str]]) -> list[list]:
     """The calibration upload boxes' values: one list of files per label, the spare boxes empty."""
     boxes = [[handle_file(path) for path in toy_uploads[name]] for name in TOY_CLASSES]
@@ -112,7 +120,13 @@ def test_calibrate_classify_and_download_through_the_api(app_url, toy_backbone_d
     updates, steps = job.communicator.updates, []  # every status update the job received, progress bar included
     while not updates.empty():
         steps += [(unit.desc, unit.progress) for unit in getattr(updates.get_nowait(), "progress_data", None) or []]
-    assert steps == [("Embedding images: 0 of 18", 0.0), ("Training the gate", 1.0)]
+    # Progress moves with the work: the images embedded, then the gate's folds and training steps, to the end.
+    assert steps[:2] == [("Embedding images: 0 of 18", 0.0), ("Training the gate", 0.0)]
+    training = steps[2:]
+    assert len(training) > 5 and all(desc.startswith("Training the gate: ") for desc, _ in training)
+    assert any("fold 3 of 5, step" in desc for desc, _ in training)
+    assert [fraction for _, fraction in training] == sorted(fraction for _, fraction in training)
+    assert training[-1][1] >= 0.85  # the last update or two may arrive after the result
     assert "Calibrated on uploaded images: 3 shots per class" in report and "**calibrated**" in status
     label, per_backbone, chart, note = client.predict(LABELS, probe, 6, api_name="/classify")
     assert label["label"] in TOY_CLASSES and "**calibrated**" in note
@@ -287,14 +301,19 @@ def test_calibrate_reload_and_classify_in_a_browser(app_url, toy_uploads, tmp_pa
         page.set_viewport_size({"width": 390, "height": 844})  # a phone
         page.screenshot(path=tmp_path / "phone.png", full_page=True)
         assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the screen
+        for tab in ("Calibrate", "Classify", "Evaluate", "Save / load"):  # every tab on the screen, none behind "..."
+            expect(page.get_by_role("tab", name=tab, exact=True)).to_be_in_viewport()
 
         page.get_by_role("tab", name="Calibrate", exact=True).click()
         broken = tmp_path / "scan.png"
         broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
         page.locator("#upload-0 input[type=file]").set_input_files(str(broken))
         page.click("#calibrate")
-        expect(page.get_by_text("'scan.png' (uploaded for 'teal') is not an image")).to_be_visible(timeout=60_000)
+        error = page.get_by_text("'scan.png' (uploaded for 'teal') is not an image")
+        expect(error).to_be_visible(timeout=60_000)
         expect(page.locator("#status")).to_contain_text("calibrated on uploaded images")
+        page.wait_for_timeout(12_000)  # longer than Gradio's default of 10 s for an error toast
+        expect(error).to_be_visible()  # it stays until the visitor closes it
         browser.close()
     assert all((tmp_path / name).stat().st_size > 10_000 for name in ("calibrated.png", "phone.png"))
 
