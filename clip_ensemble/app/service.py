@@ -53,6 +53,8 @@ from .wording import calibration_verdict
 
 EMBED_CHUNK = 32  # images per progress step
 logger = logging.getLogger(__name__)
+CASCADE_TOLERANCE = 0.01  # a cascade may cost at most this much cross-validated top-1 (one point), as in the CLI
+COSTS_DIFFER = 1.5  # backbones differ in cost when the dearest needs this many times the cheapest's GFLOPs
 _HEAD_CACHE_SIZE = 32  # label sets whose zero-shot heads stay cached in the shared model
 
 # Called as progress(fraction done, description); `gr.Progress` instances fit.
@@ -108,6 +110,10 @@ class SharedEnsemble(GateKeeping):
         self._fitting_model = CLIPEnsembleModel(copy.deepcopy(model.config), list(model.backbones)).eval()
         self._fitting_model.gate.to(model.gate.fc1.weight.device)
         self._fitting_lock = threading.Lock()
+        gflops = model.backbone_gflops  # measured once, a forward per backbone
+        # A cascade (cheapest backbone first, an image stops once the rest would not change its answer) is fitted
+        # with each calibration when the backbones differ in cost: then stopping early saves the dear ones.
+        self.costs_differ = max(gflops) >= COSTS_DIFFER * min(gflops)
         self.names = model.config.backbone_names  # local folders by their last part
 
     @classmethod
@@ -189,14 +195,19 @@ class SharedEnsemble(GateKeeping):
                 seed=0,
                 cache=cache,
                 progress=lambda fraction, what: progress(fraction, f"Training the gate: {what}"),
+                cascade_tolerance=CASCADE_TOLERANCE if self.costs_differ else None,
             )
             weights, calibration = _state_copy(model.gate), dict(model.config.calibration)
+            cascade = copy.deepcopy(model.config.cascade)
+            cascade_weights = None if model.cascade is None else _state_copy(model.cascade)
             _trim_heads(model)
         # The backbones ran before the lock; count that work in the report.
         report.feature_seconds += seconds
         report.images_embedded = computed
         text = "\n\n".join([calibration_verdict(report), *notes, "Details:\n" + str(report)])
-        return SessionGate(weights, calibration, text, labels=list(data.label_names))
+        return SessionGate(
+            weights, calibration, text, labels=list(data.label_names), cascade=cascade, cascade_weights=cascade_weights
+        )
 
     def upload_summary(self, labels_text: str, uploads: Sequence[Sequence[str | Path] | None]) -> str:
         """What calibrating on these uploads would use, said before it runs: files per label, and those left out."""

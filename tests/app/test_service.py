@@ -76,6 +76,21 @@ def test_calibration_on_uploads_reports_and_records_it(calibrated):
     assert "(18 images embedded)" in calibrated.report  # the backbone work done before the lock is counted
 
 
+def test_backbones_that_differ_in_cost_get_a_cascade_and_classify_shows_each_images_cost(
+    ensemble, calibrated, probe, toy_uploads, monkeypatch
+):
+    gflops = ensemble.model.backbone_gflops
+    assert ensemble.costs_differ == (max(gflops) >= service.COSTS_DIFFER * min(gflops))
+    if ensemble.costs_differ:  # the toy backbones: a cascade fitted with the gate, carried by the session
+        assert calibrated.cascade is not None and calibrated.cascade["tolerance"] == service.CASCADE_TOLERANCE
+        assert calibrated.cascade_weights and "Cascade (tolerance 0.01)" in calibrated.report
+    note = ensemble.classify(calibrated, LABELS, probe).note
+    assert re.search(r"This image needed \d of 3 backbones, [\d.e-]+ GFLOPs", note)
+    monkeypatch.setattr(ensemble, "costs_differ", False)  # backbones of one cost: no cascade to fit
+    uniform = ensemble.calibrate_uploads(SessionGate(), LABELS, [toy_uploads[name] for name in TOY_CLASSES])
+    assert uniform.calibrated and uniform.cascade is None and uniform.cascade_weights is None
+
+
 def test_sessions_keep_their_own_gates_on_shared_backbones(ensemble, calibrated, probe):
     """Interleaved and concurrent requests of two sessions each get their own gate's answer."""
     plain = SessionGate()
