@@ -242,6 +242,23 @@ def _support(args, model):
     return data.subset(sample_few_shot(data, calibration["shots"], calibration["seed"]), name=data.name)
 
 
+def _images_to_classify(paths: list[str], split: str):
+    """(name, image) pairs: image files as given; a folder's image files, recursively; the rows of a folder written
+    by `datasets`' `save_to_disk` (its `split`, if it holds several), named `folder[i]`."""
+    from .data.labelled import IMAGE_SUFFIXES, images_saved_to_disk, saved_by_datasets
+
+    for path in paths:
+        if Path(path).is_dir() and saved_by_datasets(path):
+            yield from ((f"{path}[{i}]", image) for i, image in enumerate(images_saved_to_disk(path, split)))
+        elif Path(path).is_dir():
+            files = sorted(f for f in Path(path).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise ValueError(f"The folder '{path}' holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+            yield from ((str(f), str(f)) for f in files)
+        else:
+            yield path, path
+
+
 def _predict(args) -> int:
     """Classify every readable image; each unreadable one is reported (stderr, and in --json as an error entry)
     and makes the exit status 1."""
@@ -250,10 +267,11 @@ def _predict(args) -> int:
     from .models.modeling_clip_ensemble import CLIPEnsembleModel
     from .models.processing_clip_ensemble import load_image
 
-    images, errors = {}, {}
-    for path in args.images:
+    images, errors, names = {}, {}, []
+    for path, image in _images_to_classify(args.images, args.split):
+        names.append(path)
         try:
-            images[path] = load_image(path, name="image")
+            images[path] = load_image(image, name="image")
         except ValueError as error:
             errors[path] = str(error)
             print(f"error: {path}: {error}", file=sys.stderr)
@@ -264,7 +282,7 @@ def _predict(args) -> int:
         results.update(zip(images, (c["top"] for c in classified)))
         costs = dict(zip(images, classified))
     results.update({path: {"error": message} for path, message in errors.items()})
-    ordered = {path: results[path] for path in dict.fromkeys(args.images)}
+    ordered = {path: results[path] for path in dict.fromkeys(names)}
     if args.json:
         print(json.dumps(ordered, indent=2))
     else:
@@ -425,7 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="classify images with a saved ensemble")
     predict.add_argument("model", help="a saved ensemble: folder or Hub repo id")
-    predict.add_argument("images", nargs="+", help="image files; unreadable ones are reported, the others classified")
+    predict.add_argument(
+        "images",
+        nargs="+",
+        help="image files, folders of them, or folders written by datasets' save_to_disk; unreadable images are "
+        "reported, the others classified",
+    )
+    predict.add_argument("--split", default="test", help="the split of a save_to_disk folder with several")
     predict.add_argument("--top-k", type=int, default=5, help="labels to show per image (default: 5)")
     predict.add_argument("--json", action="store_true", help="print JSON: image -> top labels, or {'error': ...}")
     predict.set_defaults(run=_predict)

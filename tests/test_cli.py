@@ -71,6 +71,16 @@ def test_a_label_map_and_a_save_to_disk_folder(toy_backbone_dirs, image_folder, 
     assert main(["evaluate", str(output), "--dataset", str(tmp_path / "prepared"), "--split", "test", *cache]) == 0
     assert f"prepared: {len(split)} images" in capsys.readouterr().out
 
+    # predict takes the same folder (its rows, named folder[i]) and folders of image files.
+    teal = image_folder / "teal"
+    assert main(["predict", str(output), str(tmp_path / "prepared"), str(teal), "--top-k", "1", "--json"]) == 0
+    predictions = json.loads(capsys.readouterr().out)
+    assert len(predictions) == len(split) + len(list(teal.iterdir()))
+    assert list(predictions)[0] == f"{tmp_path / 'prepared'}[0]" and f"{tmp_path / 'prepared'}[35]" in predictions
+    assert all(str(f) in predictions for f in teal.iterdir())
+    assert main(["predict", str(output), str(tmp_path / "prepared"), "--split", "train"]) == 2
+    assert "Split 'train' not found in" in capsys.readouterr().err
+
     label_map.write_text("[1, 2]")
     assert main([*calibrate, "--labels-json", str(label_map), "--output", str(tmp_path / "other")]) == 2
     assert "must hold one JSON object of folder name -> label" in capsys.readouterr().err

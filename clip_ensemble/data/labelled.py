@@ -103,9 +103,22 @@ def from_image_folder(folder: str | os.PathLike, label_map: dict[str, str] | Non
     return LabelledImages(images, labels, names, folder.name)
 
 
-def _saved_by_datasets(folder: Path) -> bool:
+def saved_by_datasets(folder: str | os.PathLike) -> bool:
     """Whether `folder` was written by `datasets`' `save_to_disk` (a Dataset or a DatasetDict)."""
-    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+    return (Path(folder) / "state.json").is_file() or (Path(folder) / "dataset_dict.json").is_file()
+
+
+def images_saved_to_disk(folder: str | os.PathLike, split: str = "test", image_column: str | None = None) -> list:
+    """The images of a folder written by `save_to_disk` (the `split` of a DatasetDict), labelled or not."""
+    import datasets
+
+    dataset = datasets.load_from_disk(str(folder))
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"Split '{split}' not found in '{folder}'; it has the splits {sorted(dataset)}.")
+        dataset = dataset[split]
+    column = _pick_column(list(dataset.column_names), image_column, _IMAGE_COLUMNS, "image")
+    return list(dataset[column])
 
 
 def _pick_column(columns: list[str], given: str | None, candidates: tuple[str, ...], what: str) -> str:
@@ -170,9 +183,7 @@ def load_labelled_data(
     optional `label_map`, folder name -> label), a `datasets` dataset, or a Hub dataset id."""
     if isinstance(source, LabelledImages):
         return source
-    image_folder = (
-        isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and not _saved_by_datasets(Path(source))
-    )
+    image_folder = isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and not saved_by_datasets(source)
     if label_map and not image_folder:
         raise ValueError(
             "A label map renames an image folder's class folders; a dataset names its labels itself (a ClassLabel "
@@ -213,6 +224,8 @@ __all__ = [
     "from_hub_dataset",
     "from_image_folder",
     "from_lists",
+    "images_saved_to_disk",
     "load_labelled_data",
     "sample_few_shot",
+    "saved_by_datasets",
 ]
