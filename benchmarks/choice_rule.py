@@ -1,6 +1,12 @@
-"""How calibration chooses and fits, measured: the current `fit_calibrated_gate` against the previous one (a frozen
-copy below: static weights and the gate trained by AdamW for a number of steps chosen by cross-validation, the
-candidates compared by held-out cross-entropy with a one-standard-error guard), on the same k-shot draws.
+"""How calibration chooses and fits, measured: the current `fit_calibrated_gate` against the previous one, on the
+same k-shot draws.
+
+- current: static weights fitted to convergence by full-batch L-BFGS with a penalty toward equal weights chosen out of
+  fold, then the paper's AdamW gate trained from them for a number of steps chosen out of fold; a richer candidate
+  replaces a simpler one when right more often out of fold (McNemar z > 1), or, for static weights and the gate, as
+  often with a cross-entropy lower by more than one standard error;
+- previous (a frozen copy below): static weights and the gate trained by AdamW from equal weights for a number of
+  steps chosen by cross-validation, the candidates compared by held-out cross-entropy with a one-standard-error guard.
 
 Tasks and draws are those of benchmarks/few_shot_accuracy.py (colours, digits, synthetic-50, hard-images and
 dominant; k = 1, 2, 4, 8, 16 shots per class; five draws each): both rules fit on the same support set and are scored

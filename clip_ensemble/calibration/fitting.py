@@ -209,21 +209,34 @@ def _static_logits(gate: EnsembleGate, bias: torch.Tensor, logits: torch.Tensor)
 
 
 def _train_gate(
-    gate: EnsembleGate, train: Features, steps: int, start: torch.Tensor, *, seed: int, on_checkpoint=None
+    gate: EnsembleGate,
+    features: Features,
+    rows: torch.Tensor | None,
+    steps: int,
+    start: torch.Tensor,
+    *,
+    seed: int,
+    on_checkpoint=None,
 ) -> None:
-    """AdamW on the cross-entropy of the combined logits, from the gate's initialisation with output bias `start`
-    (static weights), for `steps` steps or until `on_checkpoint(step)` (called at each of `STEP_CHOICES`, the gate in
-    eval mode) returns True."""
+    """AdamW on the cross-entropy of the combined logits of `features`' `rows` (None: all), from the gate's
+    initialisation with output bias `start` (static weights), for `steps` steps or until `on_checkpoint(step)` (called
+    at each of `STEP_CHOICES`, the gate in eval mode) returns True. Batches are gathered from `features` by row, so
+    the training part is never copied whole (at paper scale its logits are hundreds of MB)."""
     torch.manual_seed(seed)
     gate.reset_parameters()
     with torch.no_grad():
         gate.fc2.bias.copy_(start)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(gate.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    n = len(train.labels)
+    rows = torch.arange(len(features.labels), device=features.labels.device) if rows is None else rows
+    n = len(rows)
+    full_batch = features.subset(rows) if n <= BATCH_SIZE else None
     for step in range(1, steps + 1):
         gate.train()
-        batch = train.subset(torch.randperm(n, generator=generator)[:BATCH_SIZE]) if n > BATCH_SIZE else train
+        if full_batch is not None:
+            batch = full_batch
+        else:
+            batch = features.subset(rows[torch.randperm(n, generator=generator)[:BATCH_SIZE]])
         loss = nn.functional.cross_entropy(combine_logits(batch.logits, gate(batch.gate_inputs)), batch.labels)
         optimizer.zero_grad()
         loss.backward()
@@ -269,7 +282,8 @@ def _cross_validate_gate(
     last_step = STEP_CHOICES[-1]
     everything = set(range(len(features.labels)))
     for f, (fold, start) in enumerate(zip(folds, starts)):
-        train, val, rows = features.subset(sorted(everything - set(fold))), features.subset(fold), row[fold]
+        train = torch.tensor(sorted(everything - set(fold)), dtype=torch.long, device=device)
+        val, rows = features.subset(fold), row[fold]
         fold_losses: list[float] = []
 
         @torch.no_grad()
@@ -284,7 +298,7 @@ def _cross_validate_gate(
             recent = fold_losses[-PATIENCE - 1 :]
             return len(recent) > PATIENCE and all(a < b for a, b in zip(recent, recent[1:]))
 
-        _train_gate(gate, train, last_step, start, seed=seed, on_checkpoint=checkpoint)
+        _train_gate(gate, features, train, last_step, start, seed=seed, on_checkpoint=checkpoint)
         last_step = min(last_step, STEP_CHOICES[len(fold_losses) - 1])
     path.reached = [s for s in STEP_CHOICES if s <= last_step]
     return path
@@ -422,7 +436,8 @@ def fit_calibrated_gate(
             chosen = name
 
     settings: dict = {}
-    static_bias = _static_path(gate, view_logits, view_labels, STATIC_PENALTIES[: static_index + 1])[-1]
+    if chosen == STATIC_WEIGHTS or (chosen == GATE and not single_split):  # refitted on all the examples
+        static_bias = _static_path(gate, view_logits, view_labels, STATIC_PENALTIES[: static_index + 1])[-1]
     if chosen == STATIC_WEIGHTS:
         with torch.random.fork_rng(devices=[]):  # the unused hidden layer too is the same for a seed
             torch.manual_seed(seed)
@@ -438,7 +453,7 @@ def fit_calibrated_gate(
             settings["trained_on"] = f"{n - len(folds[0])} of {n} examples"
         else:
             progress(0.85, f"The gate: training on all {n} images for {steps} steps")
-            _train_gate(gate, features, steps, static_bias, seed=seed)
+            _train_gate(gate, features, None, steps, static_bias, seed=seed)
     elif chosen == BEST_BACKBONE:
         set_best_backbone(gate, best)
     else:
