@@ -80,10 +80,10 @@ def test_backbones_that_differ_in_cost_get_a_cascade_and_classify_shows_each_ima
     ensemble, calibrated, probe, toy_uploads, monkeypatch
 ):
     gflops = ensemble.model.backbone_gflops
-    assert ensemble.costs_differ == (max(gflops) >= service.COSTS_DIFFER * min(gflops))
-    if ensemble.costs_differ:  # the toy backbones: a cascade fitted with the gate, carried by the session
-        assert calibrated.cascade is not None and calibrated.cascade["tolerance"] == service.CASCADE_TOLERANCE
-        assert calibrated.cascade_weights and "Cascade (tolerance 0.01)" in calibrated.report
+    assert ensemble.costs_differ and max(gflops) >= service.COSTS_DIFFER * min(gflops)  # true of the toy backbones
+    # A cascade fitted with the gate, carried by the session.
+    assert calibrated.cascade is not None and calibrated.cascade["tolerance"] == service.CASCADE_TOLERANCE
+    assert calibrated.cascade_weights and "Cascade (tolerance 0.01)" in calibrated.report
     note = ensemble.classify(calibrated, LABELS, probe).note
     assert re.search(r"This image needed \d of 3 backbones, [\d.e-]+ GFLOPs", note)
     monkeypatch.setattr(ensemble, "costs_differ", False)  # backbones of one cost: no cascade to fit
@@ -178,7 +178,8 @@ def test_calibrate_and_evaluate_on_a_hub_dataset(ensemble, monkeypatch):
     session, labels = ensemble.calibrate_hub(SessionGate(), "someone/colours", "train", 2, lambda *a: steps.append(a))
     assert labels == list(TOY_CLASSES)
     assert session.calibration["dataset"] == "someone/colours" and session.calibration["images"] == 12
-    assert steps[0] == (0.0, "Loading someone/colours (train)") and steps[-1] == (1.0, "Training the gate")
+    assert steps[0] == (0.0, "Loading someone/colours (train)") and steps[-1][0] == 1.0
+    assert steps[-1][1].startswith("Training the gate: Kept the ")
     report = ensemble.evaluate_hub(session, "someone/colours", "test", max_images=20)
     assert len(report.labels) == 20
     table = report.table()
@@ -219,8 +220,8 @@ def test_the_downloaded_zip_loads_with_from_pretrained(ensemble, calibrated, pro
     assert [p.name for p in (tmp_path / "out").iterdir()] == [archive.name]  # the unzipped folder is not left behind
     with zipfile.ZipFile(archive) as zipped:
         assert sorted(name for name in zipped.namelist() if not name.endswith("/")) == [
-            f"{GATE_FOLDER}/{name}" for name in ("README.md", "config.json", "gate.safetensors")
-        ]
+            f"{GATE_FOLDER}/{name}" for name in ("README.md", "cascade.safetensors", "config.json", "gate.safetensors")
+        ]  # the toy backbones differ in cost, so the app's calibration fitted a cascade too
         zipped.extractall(tmp_path)
     loaded = CLIPEnsembleModel.from_pretrained(tmp_path / GATE_FOLDER)
     assert loaded.labels == list(TOY_CLASSES) and loaded.config.calibration == calibrated.calibration
@@ -257,7 +258,10 @@ def test_push_uses_the_users_token_only_and_never_shows_it(ensemble, calibrated,
         assert ensemble.push(calibrated, LABELS, "me/gate", token) == "https://huggingface.co/me/gate/commit/abc"
         with pytest.raises(ValueError, match="Paste a Hugging Face access token"):
             ensemble.push(calibrated, LABELS, "me/gate", "  ")  # never the server's HF_TOKEN
-    assert uploaded == {"token": token, "files": {"config.json", "gate.safetensors", "README.md"}}
+    assert uploaded == {
+        "token": token,
+        "files": {"config.json", "gate.safetensors", "cascade.safetensors", "README.md"},
+    }
 
     response = httpx.Response(403, request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
     refused = HfHubHTTPError(f"403 Forbidden: token {token} cannot write to me/gate", response=response)
@@ -328,7 +332,9 @@ def test_a_downloaded_gate_loads_back_and_classifies_identically(ensemble, calib
     with zipfile.ZipFile(archive) as zipped:
         zipped.extractall(tmp_path)
     folder = tmp_path / GATE_FOLDER
-    from_files = ensemble.load_gate([folder / "gate.safetensors", folder / "config.json"])
+    from_files = ensemble.load_gate(
+        [folder / "gate.safetensors", folder / "config.json", folder / "cascade.safetensors"]
+    )
     assert ensemble.classify(from_files, LABELS, probe).top == expected.top
     with pytest.raises(ValueError, match=r"config.json and gate.safetensors \(and cascade.*\(got \['config.json'\]\)"):
         ensemble.load_gate([folder / "config.json"])
