@@ -29,6 +29,7 @@ from PIL import Image
 from ..backbones.base import LOCAL_DIR_PREFIX
 from ..backbones.hub_configs import resolve_backbones
 from ..calibration.calibrate import calibrate
+from ..calibration.cascade_fitting import images_to_show_a_saving
 from ..data.features import FeatureCache
 from ..data.labelled import LabelledImages, from_lists, load_labelled_data, sample_few_shot
 from ..evaluation.evaluate import EvaluationReport, align_labels, evaluate_embeddings
@@ -185,6 +186,17 @@ class SharedEnsemble(GateKeeping):
         notes: Sequence[str] = (),
     ) -> SessionGate:
         _, seconds, computed = self._embed(cache, data.images, progress)
+        # Fewer images than this cannot show that stopping early loses at most the tolerance: no cascade is fitted.
+        needed = images_to_show_a_saving(CASCADE_TOLERANCE)
+        can_save = len(data) >= needed
+        if self.costs_differ and not can_save:
+            notes = [
+                *notes,
+                f"No cascade: the backbones differ in cost, but showing that stopping early keeps top-1 within "
+                f"{100 * CASCADE_TOLERANCE:g} point{'' if CASCADE_TOLERANCE == 0.01 else 's'} takes at least {needed} "
+                f"calibration images; these are {len(data)}. "
+                "Calibrate on more images to get one.",
+            ]
         progress(0.0, "Training the gate")
         with self._fitting_lock:  # not the shared model's lock: Classify goes on meanwhile
             model = self._fitting_model
@@ -195,7 +207,7 @@ class SharedEnsemble(GateKeeping):
                 seed=0,
                 cache=cache,
                 progress=lambda fraction, what: progress(fraction, f"Training the gate: {what}"),
-                cascade_tolerance=CASCADE_TOLERANCE if self.costs_differ else None,
+                cascade_tolerance=CASCADE_TOLERANCE if self.costs_differ and can_save else None,
             )
             weights, calibration = _state_copy(model.gate), dict(model.config.calibration)
             cascade = copy.deepcopy(model.config.cascade)

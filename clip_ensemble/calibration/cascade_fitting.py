@@ -4,6 +4,7 @@ answer, with the largest saving whose out-of-fold top-1 stays within a tolerance
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -109,6 +110,12 @@ def _estimated_loss(correct: torch.Tensor, stage: torch.Tensor) -> float:
         return 0.0
     lost = correct[-1] & ~correct[stage, torch.arange(m)]
     return float(lost.sum() + 1) / (m + 2)
+
+
+def images_to_show_a_saving(tolerance: float) -> float:
+    """The fewest calibration images on which a cascade can stop any image early within `tolerance`: even with no
+    answer lost, `_estimated_loss` is 1 / (images + 2), which must not exceed the tolerance (98 at 0.01; inf at 0)."""
+    return max(1, math.ceil(1 / tolerance - 2 - 1e-9)) if tolerance > 0 else math.inf
 
 
 def _choose(tradeoff: list[dict], tolerance: float) -> dict:
@@ -230,4 +237,12 @@ def fit_cascade(
     return cascade, report
 
 
-__all__ = ["CHART_TOLERANCES", "RISKS", "CascadeReport", "fit_cascade", "run_on_features", "stop_margins"]
+__all__ = [
+    "CHART_TOLERANCES",
+    "RISKS",
+    "CascadeReport",
+    "fit_cascade",
+    "images_to_show_a_saving",
+    "run_on_features",
+    "stop_margins",
+]

@@ -81,14 +81,20 @@ def test_backbones_that_differ_in_cost_get_a_cascade_and_classify_shows_each_ima
 ):
     gflops = ensemble.model.backbone_gflops
     assert ensemble.costs_differ and max(gflops) >= service.COSTS_DIFFER * min(gflops)  # true of the toy backbones
-    # A cascade fitted with the gate, carried by the session.
-    assert calibrated.cascade is not None and calibrated.cascade["tolerance"] == service.CASCADE_TOLERANCE
-    assert calibrated.cascade_weights and "Cascade (tolerance 0.01)" in calibrated.report
-    note = ensemble.classify(calibrated, LABELS, probe).note
+    # 18 images cannot show a saving within one point (that takes 98): no cascade, and the report says why.
+    assert calibrated.cascade is None and "No cascade: the backbones differ in cost" in calibrated.report
+    assert "takes at least 98 calibration images; these are 18" in calibrated.report
+    # Where they can (a tolerance of 0.1 needs 8 images), the cascade is fitted with the gate and kept by the session.
+    uploads = [toy_uploads[name] for name in TOY_CLASSES]
+    monkeypatch.setattr(service, "CASCADE_TOLERANCE", 0.1)
+    with_cascade = ensemble.calibrate_uploads(SessionGate(), LABELS, uploads)
+    assert with_cascade.cascade is not None and with_cascade.cascade["tolerance"] == 0.1
+    assert with_cascade.cascade_weights and "Cascade (tolerance 0.1)" in with_cascade.report
+    note = ensemble.classify(with_cascade, LABELS, probe).note
     assert re.search(r"This image needed \d of 3 backbones, [\d.e-]+ GFLOPs", note)
-    monkeypatch.setattr(ensemble, "costs_differ", False)  # backbones of one cost: no cascade to fit
-    uniform = ensemble.calibrate_uploads(SessionGate(), LABELS, [toy_uploads[name] for name in TOY_CLASSES])
-    assert uniform.calibrated and uniform.cascade is None and uniform.cascade_weights is None
+    monkeypatch.setattr(ensemble, "costs_differ", False)  # backbones of one cost: no cascade to fit, nothing said
+    uniform = ensemble.calibrate_uploads(SessionGate(), LABELS, uploads)
+    assert uniform.cascade is None and uniform.cascade_weights is None and "No cascade" not in uniform.report
 
 
 def test_sessions_keep_their_own_gates_on_shared_backbones(ensemble, calibrated, probe):
@@ -220,8 +226,8 @@ def test_the_downloaded_zip_loads_with_from_pretrained(ensemble, calibrated, pro
     assert [p.name for p in (tmp_path / "out").iterdir()] == [archive.name]  # the unzipped folder is not left behind
     with zipfile.ZipFile(archive) as zipped:
         assert sorted(name for name in zipped.namelist() if not name.endswith("/")) == [
-            f"{GATE_FOLDER}/{name}" for name in ("README.md", "cascade.safetensors", "config.json", "gate.safetensors")
-        ]  # the toy backbones differ in cost, so the app's calibration fitted a cascade too
+            f"{GATE_FOLDER}/{name}" for name in ("README.md", "config.json", "gate.safetensors")
+        ]
         zipped.extractall(tmp_path)
     loaded = CLIPEnsembleModel.from_pretrained(tmp_path / GATE_FOLDER)
     assert loaded.labels == list(TOY_CLASSES) and loaded.config.calibration == calibrated.calibration
@@ -258,10 +264,7 @@ def test_push_uses_the_users_token_only_and_never_shows_it(ensemble, calibrated,
         assert ensemble.push(calibrated, LABELS, "me/gate", token) == "https://huggingface.co/me/gate/commit/abc"
         with pytest.raises(ValueError, match="Paste a Hugging Face access token"):
             ensemble.push(calibrated, LABELS, "me/gate", "  ")  # never the server's HF_TOKEN
-    assert uploaded == {
-        "token": token,
-        "files": {"config.json", "gate.safetensors", "cascade.safetensors", "README.md"},
-    }
+    assert uploaded == {"token": token, "files": {"config.json", "gate.safetensors", "README.md"}}
 
     response = httpx.Response(403, request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
     refused = HfHubHTTPError(f"403 Forbidden: token {token} cannot write to me/gate", response=response)
@@ -332,9 +335,7 @@ def test_a_downloaded_gate_loads_back_and_classifies_identically(ensemble, calib
     with zipfile.ZipFile(archive) as zipped:
         zipped.extractall(tmp_path)
     folder = tmp_path / GATE_FOLDER
-    from_files = ensemble.load_gate(
-        [folder / "gate.safetensors", folder / "config.json", folder / "cascade.safetensors"]
-    )
+    from_files = ensemble.load_gate([folder / "gate.safetensors", folder / "config.json"])
     assert ensemble.classify(from_files, LABELS, probe).top == expected.top
     with pytest.raises(ValueError, match=r"config.json and gate.safetensors \(and cascade.*\(got \['config.json'\]\)"):
         ensemble.load_gate([folder / "config.json"])
