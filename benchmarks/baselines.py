@@ -1,7 +1,7 @@
 """The baselines a user would pick instead of the gate (stacking, linear probe, Tip-Adapter), two ways:
 
 - colours: held-out top-1 on the toy colour task (three toy CLIPs trained here) at k = 1, 4, 16 shots and a few
-  seeds, beside the gate, plain averaging and the best single backbone; every method fitted on the same k-shot
+  seeds, beside the gate, the mean of logits and the best single backbone; every method fitted on the same k-shot
   calibration images, hyper-parameters chosen by cross-validation on them;
 - paper scale: fitting time (cross-validation included) on synthetic cached features of 9 backbones of real widths,
   1000 classes x 16 shots (`synthetic_features` from gate_training.py), and top-1 on 4 held-out images per class.

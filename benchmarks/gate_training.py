@@ -2,7 +2,7 @@
 
 Features are synthetic (random class prototypes per backbone, noisy image embeddings, zero-shot heads of
 different quality per backbone) so the benchmark runs offline; the fitting is the one `calibrate` runs (the
-cross-validated choice between the gate, plain averaging and the best backbone, then the final fit), timed whole.
+cross-validated choice between the gate, the mean of logits and the best backbone, then the final fit), timed whole.
 Prints a table; with --save, writes it to benchmarks/results/gate_training.md.
 
     python benchmarks/gate_training.py --save

@@ -18,7 +18,7 @@ def same_labels(a: Sequence[str] | None, b: Sequence[str] | None) -> bool:
 @dataclass
 class SessionGate:
     """One browser session's gate: its weights and what it was calibrated on. `weights=None` is the uncalibrated gate,
-    which equals plain logit averaging; `expired` then says why a gate this session had is gone."""
+    which equals the mean of logits; `expired` then says why a gate this session had is gone."""
 
     weights: dict[str, torch.Tensor] | None = None  # the gate's state_dict
     calibration: dict | None = None  # `model.config.calibration` after calibrating

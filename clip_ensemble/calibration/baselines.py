@@ -3,7 +3,7 @@
 - stacking: one static non-negative weight per backbone, fitted by cross-entropy (a Super Learner whose base
   learners are the frozen zero-shot backbones, so their cross-validated predictions are their plain predictions);
 - linear probe: logistic regression on the concatenated normalised embeddings, starting from and pulled back toward
-  the zero-shot heads of plain logit averaging;
+  the zero-shot heads of the mean of logits;
 - Tip-Adapter (Zhang et al. 2022, training-free): a cache of the support embeddings per backbone.
 
 Each is fitted on `Features` alone (no backbone runs) and chooses its hyper-parameters from a small grid by
@@ -30,10 +30,10 @@ LINEAR_PROBE = "linear probe"
 TIP_ADAPTER = "Tip-Adapter"
 
 # Penalty on the squared distance of the weights from equal weights 1/B, strongest first (each fit starts from the
-# last); an infinite penalty keeps equal weights, i.e. plain logit averaging.
+# last); an infinite penalty keeps equal weights, i.e. the mean of logits.
 STACKING_PENALTIES = (math.inf, 10.0, 1.0, 0.1, 0.0)
 # L2 penalty on the probe's correction of the zero-shot heads, strongest first (each fit starts from the last);
-# an infinite penalty keeps no correction, i.e. plain logit averaging.
+# an infinite penalty keeps no correction, i.e. the mean of logits.
 PROBE_PENALTIES = (math.inf, 1e-1, 1e-2, 1e-3, 1e-4)
 # The probe's correction lives in the top principal directions of the support embeddings: at paper scale
 # (sum of widths 6528, 1000 classes) a full-width probe takes minutes per fit on a CPU.
@@ -168,7 +168,7 @@ def _probe_paths(
     """One (weight (C, r), bias (C,)) correction per penalty, fitted in order, each from the previous one.
 
     Scores are mean-of-logits + x @ weight.T + bias with x = gate_inputs @ basis: logistic regression on the
-    concatenated embeddings whose heads start at (and an L2 penalty pulls them back to) plain averaging's heads.
+    concatenated embeddings whose heads start at (and an L2 penalty pulls them back to) the mean of logits' heads.
     """
     x = train.gate_inputs if basis is None else train.gate_inputs @ basis  # (n, r)
     anchor = train.logits.mean(1)  # (n, C)

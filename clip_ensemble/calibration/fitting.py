@@ -1,5 +1,5 @@
 """Fitting on cached features: cross-validation folds, full-batch fits of static weights and of the gate, and the
-choice between the gate, static per-backbone weights, plain averaging and the best backbone that calibration makes
+choice between the gate, static per-backbone weights, the mean of logits and the best backbone that calibration makes
 from the calibration data alone."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ GATE = "gate"
 # Static weights: softplus(b) per backbone (the gate's output bias, its output weights zero), fitted to convergence
 # by full-batch L-BFGS on cross-entropy + penalty * ||weights - 1/B||^2. The penalty is chosen by cross-validation
 # among these, strongest first, a factor of about 30 apart; each fit starts from the previous one (inf: equal weights,
-# plain averaging).
+# the mean of logits).
 STATIC_PENALTIES = (math.inf, 1.0, 0.03, 0.001)
 MAX_ITER = 20  # L-BFGS iterations per fit (each fit starts from the previous penalty's)
 # Training static weights on more classes than this keeps, per image, the classes that some backbone ranks high (and
@@ -81,7 +81,7 @@ MAX_ITER = 20  # L-BFGS iterations per fit (each fit starts from the previous pe
 TRAIN_CLASSES = 16
 # The gate, as the paper trains it: AdamW on mini-batches from its initialisation, for a number of steps chosen by
 # cross-validation among STEP_CHOICES (fewer steps stay closer to where it starts); the learning rate, weight decay
-# and batch size are fixed. It starts from the static weights that cross-validation chose (plain averaging when
+# and batch size are fixed. It starts from the static weights that cross-validation chose (the mean of logits when
 # those are equal weights), so the image-dependent part is what the steps learn.
 STEP_CHOICES = (10, 25, 50, 100, 200, 400, 800)
 LEARNING_RATE = 1e-3
@@ -117,7 +117,7 @@ class GateChoice:
     `cv_loss` is each candidate's mean cross-entropy on the held-out examples; `cv_accuracy` and `cv_spread` are
     the mean and standard deviation over folds of its top-1 there; the choice compares top-1, then cross-entropy.
     Everything is out of fold: the gate, the static weights (and their penalties) and the best backbone are chosen
-    and fitted without the examples they are scored on (plain averaging has nothing to fit), and the untrained
+    and fitted without the examples they are scored on (the mean of logits has nothing to fit), and the untrained
     candidates' confidence (an inverse temperature) too.
     """
 
@@ -323,7 +323,7 @@ def _beats(
 
     By top-1: right more often, by more than `MIN_WIN_Z` standard errors of the count of images they disagree on (a
     McNemar z): one image more out of twenty is not evidence. Otherwise, for a fitted combination that contains the
-    incumbent (`nests`: static weights and the gate contain plain averaging, the gate contains static weights), by
+    incumbent (`nests`: static weights and the gate contain the mean of logits, the gate contains static weights), by
     cross-entropy: lower by more than one standard error of the paired difference while right at least as often, as
     a richer model is judged by its likelihood as well as its answers. The best backbone, one discrete pick that drops
     the other backbones, is judged by its answers alone: its cross-entropy, from the few images a single backbone
@@ -350,7 +350,7 @@ def fit_calibrated_gate(
     """Fit `gate` in place on `features`, keeping a simpler combination when the gate does not help.
 
     The candidates, from the simplest to the richest:
-    1. plain logit averaging (the gate's starting point);
+    1. the mean of logits (the gate's starting point);
     2. the best single backbone (on all the examples);
     3. static weights: one weight per backbone, the same for every image (the gate's output bias alone), fitted to
        convergence by full-batch L-BFGS with a penalty toward equal weights that cross-validation chooses (the most
@@ -361,7 +361,7 @@ def fit_calibrated_gate(
     inverse temperature fitted there. Each candidate in turn replaces the one kept so far when it is right more often
     out of fold by more than one standard error (a McNemar z above `MIN_WIN_Z`), or else when its out-of-fold
     cross-entropy is lower by more than one standard error of the paired difference and it is right at least as
-    often (static weights and the gate, which contain plain averaging and one another; the best backbone needs the
+    often (static weights and the gate, which contain the mean of logits and one another; the best backbone needs the
     top-1 evidence). The chosen candidate is refitted on all the examples. From `SINGLE_SPLIT_FROM` examples on, one
     held-out quarter is scored instead of k folds, and a chosen gate is the one trained on the other three quarters.
     The chosen candidate's out-of-fold answers come back in `GateChoice.out_of_fold` (the cascade fits its stopping
@@ -429,7 +429,7 @@ def fit_calibrated_gate(
 
     correct = {name: answers.predictions == scored_labels for name, answers in out_of_fold.items()}
     chosen = MEAN_OF_LOGITS
-    # At the infinite penalty static weights are plain averaging: no challenger.
+    # At the infinite penalty static weights are the mean of logits: no challenger.
     for name in (BEST_BACKBONE, STATIC_WEIGHTS, GATE) if static_index > 0 else (BEST_BACKBONE, GATE):
         nests = name in (STATIC_WEIGHTS, GATE)
         if _beats(correct[name], correct[chosen], losses[name], losses[chosen], nests):

@@ -23,7 +23,7 @@ _MAX_BACKBONES = 16
 
 @dataclass
 class SelectionReport:
-    """The subsets weighed under a budget: GFLOPs per image, plain averaging's top-1 on the calibration images (which
+    """The subsets weighed under a budget: GFLOPs per image, the mean of logits' top-1 on the calibration images (which
     ranks every subset, at no fitting cost) and, for the shortlisted ones, calibration's cross-validated top-1."""
 
     budget_gflops: float
@@ -75,7 +75,7 @@ def weigh_subsets(
     hidden_size: int = 128,
     combination: str = "softplus",
 ) -> tuple[dict, list[dict], int]:
-    """On cached calibration features: every subset of backbones within `budget_gflops` ranked by plain averaging's
+    """On cached calibration features: every subset of backbones within `budget_gflops` ranked by the mean of logits'
     top-1, the `max_candidates` best cross-validated with `fit_calibrated_gate`, and the best of those (ties: the
     cheaper). Returns (the best, the candidates as dicts of indices, gflops, averaging_accuracy and cv_accuracy
     (None when not shortlisted), best first by averaging, and how many subsets were within the budget)."""
@@ -123,7 +123,7 @@ def select_backbones(
     """The subset of `model`'s backbones with the best expected top-1 within `budget_gflops` per image, calibrated.
 
     On the same `shots` calibration images per class that `calibrate` draws (embedded once, through `cache`), every
-    subset within the budget is ranked by plain logit averaging; the `max_candidates` best are each calibrated with
+    subset within the budget is ranked by the mean of logits; the `max_candidates` best are each calibrated with
     calibration's own cross-validation (`fit_calibrated_gate` on the subset's columns), and the one with the best
     cross-validated top-1 wins (ties: the cheaper). Returns a new model over that subset, sharing `model`'s backbone
     modules (none is loaded twice) and calibrated with `calibrate` (and `cascade_tolerance`), and the report of what

@@ -302,7 +302,7 @@ def accuracy_against_compute(
     model: CLIPEnsembleModel, image_embeds: Sequence[torch.Tensor], labels: torch.Tensor, *, chunk_size: int = 1024
 ) -> list[dict]:
     """Top-1 and mean GFLOPs per image on cached embeddings: each backbone alone; every subset of two or more
-    backbones by plain averaging (up to 6 backbones); the full ensemble (the gate, every backbone run); and, for a
+    backbones by the mean of logits (up to 6 backbones); the full ensemble (the gate, every backbone run); and, for a
     model with a cascade, the cascade at its own stop margins and at those other tolerances would have chosen
     (`config.cascade["stop_margins_by_tolerance"]`). One dict per point: method, kind, top1, gflops. Runs
     `chunk_size` images at a time."""

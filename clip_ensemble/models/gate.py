@@ -12,7 +12,7 @@ class EnsembleGate(nn.Module):
     """Linear(sum d_b -> hidden) -> ReLU -> Linear(hidden -> B), then a combination of per-backbone logits.
 
     The last layer starts at zero weights with a bias chosen so that every backbone gets weight 1/B: an
-    uncalibrated gate is exactly plain logit averaging, and calibration starts from the standard ensemble.
+    uncalibrated gate is exactly the mean of logits, and calibration starts from the standard ensemble.
     """
 
     def __init__(self, embed_dims: list[int], hidden_size: int = 128, combination: str = "softplus"):

@@ -190,7 +190,7 @@ class CLIPEnsembleModel(PreTrainedModel):
         offload_folder: str | os.PathLike | None = None,
         **gate_settings,
     ) -> CLIPEnsembleModel:
-        """Build an uncalibrated ensemble (equal to plain logit averaging) from repo ids, folders or backbones.
+        """Build an uncalibrated ensemble (equal to the mean of logits) from repo ids, folders or backbones.
 
         `device_map` ("auto", "balanced", "sequential", one device, or a dict from backbone index or name to
         device), `max_memory` ({device: bytes or "10GiB"}) and `offload_folder` place each backbone whole on one

@@ -174,7 +174,7 @@ def hard_images_task(
 def dominant_backbone_task(
     num_classes: int = 20, pool_shots: int = 16, test_per_class: int = 20, seed: int = 0
 ) -> FeatureTask:
-    """One strong backbone among weaker specialists, the regime where one backbone beats plain averaging: images come
+    """One strong backbone among weaker specialists, the regime where one backbone beats the mean of logits: images come
     from four domains (a direction in every backbone's embedding, so a gate can see it); the strong backbone has
     moderate noise everywhere; each of the four others is sharp on its own domain, and elsewhere noisy and pulled toward
     a confuser class shared by the backbones the image is foreign to, so they are confidently wrong together. The
