@@ -31,8 +31,12 @@ def recorded_verdict(calibration: dict | None) -> str:
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         text = f"Verdict: {calibration.get('why') or 'not recorded'}"
+
+    def words(value) -> str:  # a dict as "key value, key value", as the report prints its settings
+        return ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+
     details = [
-        f"{key.replace('_', ' ')}: {calibration[key]}"
+        f"{key.replace('_', ' ')}: {words(calibration[key])}"
         for key in ("dataset", "shots", "images", "seed", "settings", "backbone_accuracy")
         if calibration.get(key) not in (None, "", {})
     ]

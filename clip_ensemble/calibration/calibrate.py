@@ -58,7 +58,8 @@ def describe_choice(
         else ""
     )
     return (
-        f"Kept {_WHAT.get(chosen, chosen).format(best=best_backbone)}.{evidence} A richer combination is kept only "
+        f"Kept {_WHAT[chosen].format(best=best_backbone) if chosen in _WHAT else chosen}.{evidence} A richer "
+        "combination is kept only "
         "when it is right more often by more than one standard error, or as often and more confidently (a lower "
         "held-out cross-entropy)."
     )

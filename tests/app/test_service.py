@@ -460,10 +460,13 @@ def test_the_calibration_report_gives_its_verdict_first_and_a_loaded_gate_the_sa
     # Loaded back, the gate tells the same verdict from its record, then what it was calibrated on; never raw JSON.
     loaded = ensemble.load_gate([ensemble.save_zip(calibrated, LABELS, tmp_path / "out")])
     assert loaded.report.startswith(verdict_line) and "Calibration record:\n  dataset: " in loaded.report
-    assert "{" not in loaded.report.split("Calibration record:")[0]
+    assert "{" not in loaded.report  # the record in words: no dict or JSON printed
+    assert "  backbone accuracy: toy-clip-0 " in loaded.report
     assert recorded_verdict(None).startswith("Verdict: this gate came without a calibration record")
     edited = {**calibrated.calibration, "cross_validated_accuracy": "lots"}  # a record edited by hand
     assert recorded_verdict(edited).startswith(f"Verdict: {calibrated.calibration['why']}")
+    odd = {**calibrated.calibration, "chosen": "{0} {best}"}  # braces in a record are text, not a template
+    assert recorded_verdict(odd).startswith("Verdict: Kept {0} {best}. A richer combination")
 
 
 def test_evaluate_on_a_zip_of_class_folders_with_a_verdict(ensemble, calibrated, tmp_path):
