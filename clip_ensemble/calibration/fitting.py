@@ -4,7 +4,6 @@ from the calibration data alone."""
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -208,52 +207,104 @@ def _static_logits(gate: EnsembleGate, bias: torch.Tensor, logits: torch.Tensor)
     return combine_logits(logits, gate.activate(bias).expand(len(logits), -1))
 
 
-def _train_gate(
+class _GateStack(nn.Module):
+    """Copies of `gate`'s layers, one per training set (each fold's training part, and all the examples), trained
+    side by side as one batched model: each copy's loss is the mean over its own rows and AdamW is elementwise, so
+    each copy trains as it would alone, in one optimizer step for all of them."""
+
+    def __init__(self, gate: EnsembleGate, starts: torch.Tensor, seed: int):
+        super().__init__()
+        self.gate = gate  # its `activate`, in its train or eval mode
+        with torch.random.fork_rng(devices=[]):  # every copy starts from the gate's initialisation for `seed`
+            torch.manual_seed(seed)
+            gate.reset_parameters()
+        copies = len(starts)  # starts: (F, B) output biases, the static weights each copy starts from
+
+        def stacked(weight: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(weight.detach().expand(copies, *weight.shape).clone())
+
+        self.fc1_weight, self.fc1_bias = stacked(gate.fc1.weight.T), stacked(gate.fc1.bias[None])  # (F, D, H), (F, 1, H)
+        self.fc2_weight = stacked(gate.fc2.weight.T)  # (F, H, B)
+        self.fc2_bias = nn.Parameter(starts.detach()[:, None].clone())  # (F, 1, B)
+
+    def forward(self, gate_inputs: torch.Tensor) -> torch.Tensor:
+        """(F, m, D) gate inputs, a set per copy -> (F, m, B) backbone weights."""
+        hidden = torch.relu(torch.baddbmm(self.fc1_bias, gate_inputs, self.fc1_weight))
+        return self.gate.activate(torch.baddbmm(self.fc2_bias, hidden, self.fc2_weight))
+
+    def weights_of(self, copy: int, gate_inputs: torch.Tensor) -> torch.Tensor:
+        """(m, D) gate inputs -> (m, B) backbone weights under copy `copy` alone."""
+        hidden = torch.relu(torch.addmm(self.fc1_bias[copy], gate_inputs, self.fc1_weight[copy]))
+        return self.gate.activate(torch.addmm(self.fc2_bias[copy], hidden, self.fc2_weight[copy]))
+
+    def state_of(self, copy: int) -> dict[str, torch.Tensor]:
+        """Copy `copy` as an `EnsembleGate` state dict."""
+        return {
+            "fc1.weight": self.fc1_weight[copy].detach().T.clone(),
+            "fc1.bias": self.fc1_bias[copy, 0].detach().clone(),
+            "fc2.weight": self.fc2_weight[copy].detach().T.clone(),
+            "fc2.bias": self.fc2_bias[copy, 0].detach().clone(),
+        }
+
+
+def _train_gates(
     gate: EnsembleGate,
     features: Features,
-    rows: torch.Tensor | None,
+    trains: list[torch.Tensor],
+    starts: list[torch.Tensor],
     steps: int,
-    start: torch.Tensor,
     *,
     seed: int,
-    on_checkpoint=None,
+    on_checkpoint: Callable[[_GateStack, int], bool],
 ) -> None:
-    """AdamW on the cross-entropy of the combined logits of `features`' `rows` (None: all), from the gate's
-    initialisation with output bias `start` (static weights), for `steps` steps or until `on_checkpoint(step)` (called
-    at each of `STEP_CHOICES`, the gate in eval mode) returns True. Batches are gathered from `features` by row, so
-    the training part is never copied whole (at paper scale its logits are hundreds of MB)."""
-    torch.manual_seed(seed)
-    gate.reset_parameters()
-    with torch.no_grad():
-        gate.fc2.bias.copy_(start)
+    """AdamW on the cross-entropy of the combined logits, one copy of `gate` per training set (`trains`, rows of
+    `features`) from the gate's initialisation with output bias `starts[i]` (static weights), for `steps` steps or
+    until `on_checkpoint(stack, step)` (called at each of `STEP_CHOICES`, the gate in eval mode) returns True.
+    Each copy takes mini-batches of `BATCH_SIZE` of its rows (all of them when fewer), gathered by row, so a training
+    part is never copied whole (at paper scale its logits are hundreds of MB)."""
+    stack = _GateStack(gate, torch.stack(starts), seed)
+    optimizer = torch.optim.AdamW(stack.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, fused=True)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(gate.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    rows = torch.arange(len(features.labels), device=features.labels.device) if rows is None else rows
-    n = len(rows)
-    full_batch = features.subset(rows) if n <= BATCH_SIZE else None
+    sizes = torch.tensor([len(rows) for rows in trains])
+    rows = nn.utils.rnn.pad_sequence(trains, batch_first=True)  # (F, n_max), padded with row 0
+    padding = torch.arange(rows.shape[1]) >= sizes[:, None]  # (F, n_max)
+    width = min(rows.shape[1], BATCH_SIZE)
+
+    def batch(order: torch.Tensor) -> tuple[Features, torch.Tensor]:
+        """The rows at positions `order` ((F, width)) of each copy's set, and which of them are padding."""
+        picked = rows.gather(1, order)
+        return features.subset(picked), padding.gather(1, order)
+
+    resample = bool((sizes > BATCH_SIZE).any())
+    if not resample:  # every copy trains on all its rows at every step
+        fixed = batch(torch.arange(width).expand(len(trains), -1))
     for step in range(1, steps + 1):
         gate.train()
-        if full_batch is not None:
-            batch = full_batch
+        if resample:  # a random subset of each copy's rows: sort random keys, padding last
+            keys = torch.rand(rows.shape, generator=generator).masked_fill_(padding, 2.0)
+            inputs, ignored = batch(keys.argsort(1)[:, :width])
         else:
-            batch = features.subset(rows[torch.randperm(n, generator=generator)[:BATCH_SIZE]])
-        loss = nn.functional.cross_entropy(combine_logits(batch.logits, gate(batch.gate_inputs)), batch.labels)
+            inputs, ignored = fixed
+        logits = torch.einsum("fmbc,fmb->fmc", inputs.logits, stack(inputs.gate_inputs))  # (F, width, C)
+        loss = nn.functional.cross_entropy(logits.transpose(1, 2), inputs.labels, reduction="none")  # (F, width)
+        loss = (loss.masked_fill(ignored, 0.0).sum(1) / (~ignored).sum(1)).sum()  # each copy's mean, summed
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         gate.eval()
-        if on_checkpoint is not None and step in STEP_CHOICES and on_checkpoint(step):
+        if step in STEP_CHOICES and on_checkpoint(stack, step):
             break
 
 
 @dataclass
 class _GatePath:
-    """The gate's out-of-fold results at every training length that all folds reached, on the scored examples."""
+    """The gate's out-of-fold results at every training length that all folds reached, on the scored examples, and
+    the copies' states there (copy `len(folds)`, when trained, is the gate on all the examples)."""
 
     predictions: dict[int, torch.Tensor]  # steps -> (m,) answers
     margins: dict[int, torch.Tensor]  # steps -> (m,) top-1 minus top-2 combined logits
     losses: dict[int, torch.Tensor]  # steps -> (m,) cross-entropy
-    states: dict[int, dict]  # steps -> gate state (single split only)
+    states: dict[int, dict]  # steps -> the kept copy's gate state
     reached: list[int]
 
 
@@ -265,12 +316,13 @@ def _cross_validate_gate(
     starts: list[torch.Tensor],
     *,
     seed: int,
-    keep_states: bool,
+    keep: tuple[int, torch.Tensor] | None,
     progress: FitProgress = _no_progress,
 ) -> _GatePath:
-    """Train on each fold's training part (from that fold's static weights, `starts`), scoring its held-out part at
-    every length in `STEP_CHOICES`; a fold's path stops once its held-out cross-entropy keeps rising, and later folds
-    stop where it did. `row` maps an example to its row among the scored ones."""
+    """Train on every fold's training part at once (from that fold's static weights, `starts`), scoring the held-out
+    parts at every length in `STEP_CHOICES`; training stops once some fold's held-out cross-entropy keeps rising.
+    `row` maps an example to its row among the scored ones. `keep = (copy, start)`: the state of that copy at every
+    checkpoint is kept, where copy `len(folds)`, trained on all the examples from output bias `start`, is an extra."""
     m, device = int((row >= 0).sum()), features.labels.device
     path = _GatePath(
         {s: torch.zeros(m, dtype=torch.long, device=device) for s in STEP_CHOICES},
@@ -279,28 +331,34 @@ def _cross_validate_gate(
         {},
         [],
     )
-    last_step = STEP_CHOICES[-1]
-    everything = set(range(len(features.labels)))
-    for f, (fold, start) in enumerate(zip(folds, starts)):
-        train = torch.tensor(sorted(everything - set(fold)), dtype=torch.long, device=device)
-        val, rows = features.subset(fold), row[fold]
-        fold_losses: list[float] = []
+    n = len(features.labels)
+    trains = [torch.tensor(sorted(set(range(n)) - set(fold)), dtype=torch.long, device=device) for fold in folds]
+    starts = list(starts)
+    if keep is not None and keep[0] == len(folds):  # the gate on all the examples, trained beside the folds
+        trains.append(torch.arange(n, device=device))
+        starts.append(keep[1])
+    held_out = [(features.subset(fold), row[fold]) for fold in folds]
+    fold_losses: list[list[float]] = [[] for _ in folds]
+    most = STEP_CHOICES[-1]
 
-        @torch.no_grad()
-        def checkpoint(step: int, val=val, rows=rows, fold_losses=fold_losses, f=f, most=last_step) -> bool:
-            progress((f + step / most) / len(folds), f"fold {f + 1} of {len(folds)}, step {step} of at most {most}")
-            logits = combine_logits(val.logits, gate(val.gate_inputs))
+    @torch.no_grad()
+    def checkpoint(stack: _GateStack, step: int) -> bool:
+        progress(step / most, f"{len(folds)} folds together, step {step} of at most {most}")
+        for f, (val, rows) in enumerate(held_out):
+            logits = combine_logits(val.logits, stack.weights_of(f, val.gate_inputs))
             path.predictions[step][rows], path.margins[step][rows] = logits.argmax(-1), margins(logits)
             path.losses[step][rows] = nn.functional.cross_entropy(logits, val.labels, reduction="none")
-            fold_losses.append(float(path.losses[step][rows].mean()))
-            if keep_states:
-                path.states[step] = copy.deepcopy(gate.state_dict())
-            recent = fold_losses[-PATIENCE - 1 :]
-            return len(recent) > PATIENCE and all(a < b for a, b in zip(recent, recent[1:]))
+            fold_losses[f].append(float(path.losses[step][rows].mean()))
+        if keep is not None:
+            path.states[step] = stack.state_of(keep[0])
+        path.reached.append(step)
+        rising = [
+            len(recent) > PATIENCE and all(a < b for a, b in zip(recent, recent[1:]))
+            for recent in (losses[-PATIENCE - 1 :] for losses in fold_losses)
+        ]
+        return any(rising)
 
-        _train_gate(gate, features, train, last_step, start, seed=seed, on_checkpoint=checkpoint)
-        last_step = min(last_step, STEP_CHOICES[len(fold_losses) - 1])
-    path.reached = [s for s in STEP_CHOICES if s <= last_step]
+    _train_gates(gate, features, trains, starts, most, seed=seed, on_checkpoint=checkpoint)
     return path
 
 
@@ -411,7 +469,10 @@ def fit_calibrated_gate(
     held_out[STATIC_WEIGHTS], losses[STATIC_WEIGHTS] = static_out[static_index], static_losses[static_index]
     out_of_fold = {name: OutOfFold.of(scored, logits) for name, logits in held_out.items()}
 
-    # The gate, from each fold's chosen static weights.
+    # The static weights refitted on all the examples: kept as they are, or where the gate on all of them starts.
+    static_bias = _static_path(gate, view_logits, view_labels, STATIC_PENALTIES[: static_index + 1])[-1]
+    # The gate, from each fold's chosen static weights; beside the folds, the gate on all the examples (from one
+    # quarter on, the gate kept is the one trained without the scored quarter).
     starts = [path[static_index] for path in static_paths]
     gate_path = _cross_validate_gate(
         gate,
@@ -420,8 +481,8 @@ def fit_calibrated_gate(
         row,
         starts,
         seed=seed,
-        keep_states=single_split,
-        progress=lambda fraction, what: progress(0.1 + 0.75 * fraction, f"The gate, cross-validated: {what}"),
+        keep=(0, starts[0]) if single_split else (len(folds), static_bias),
+        progress=lambda fraction, what: progress(0.1 + 0.9 * fraction, f"The gate, cross-validated: {what}"),
     )
     steps = min(gate_path.reached, key=lambda s: float(gate_path.losses[s].mean()))  # ties: the shortest
     out_of_fold[GATE] = OutOfFold(scored, gate_path.predictions[steps], gate_path.margins[steps])
@@ -436,8 +497,6 @@ def fit_calibrated_gate(
             chosen = name
 
     settings: dict = {}
-    if chosen == STATIC_WEIGHTS or (chosen == GATE and not single_split):  # refitted on all the examples
-        static_bias = _static_path(gate, view_logits, view_labels, STATIC_PENALTIES[: static_index + 1])[-1]
     if chosen == STATIC_WEIGHTS:
         with torch.random.fork_rng(devices=[]):  # the unused hidden layer too is the same for a seed
             torch.manual_seed(seed)
@@ -448,12 +507,9 @@ def fit_calibrated_gate(
     elif chosen == GATE:
         settings = {"optimizer": "AdamW", "steps": steps, "lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY}
         settings |= {"batch_size": BATCH_SIZE, "static_penalty": STATIC_PENALTIES[static_index]}
+        gate.load_state_dict(gate_path.states[steps])
         if single_split:  # trained on three quarters of the examples, kept as scored
-            gate.load_state_dict(gate_path.states[steps])
             settings["trained_on"] = f"{n - len(folds[0])} of {n} examples"
-        else:
-            progress(0.85, f"The gate: training on all {n} images for {steps} steps")
-            _train_gate(gate, features, None, steps, static_bias, seed=seed)
     elif chosen == BEST_BACKBONE:
         set_best_backbone(gate, best)
     else:
