@@ -265,9 +265,9 @@ def _train_gates(
     stack = _GateStack(gate, torch.stack(starts), seed)
     optimizer = torch.optim.AdamW(stack.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, fused=True)
     generator = torch.Generator().manual_seed(seed)
-    sizes = torch.tensor([len(rows) for rows in trains])
+    sizes = [len(rows) for rows in trains]
     rows = nn.utils.rnn.pad_sequence(trains, batch_first=True)  # (F, n_max), padded with row 0
-    padding = torch.arange(rows.shape[1]) >= sizes[:, None]  # (F, n_max)
+    padding = torch.arange(rows.shape[1]) >= torch.tensor(sizes)[:, None]  # (F, n_max)
     width = min(rows.shape[1], BATCH_SIZE)
 
     def batch(order: torch.Tensor) -> tuple[Features, torch.Tensor]:
@@ -275,14 +275,13 @@ def _train_gates(
         picked = rows.gather(1, order)
         return features.subset(picked), padding.gather(1, order)
 
-    resample = bool((sizes > BATCH_SIZE).any())
-    if not resample:  # every copy trains on all its rows at every step
-        fixed = batch(torch.arange(width).expand(len(trains), -1))
+    every_row = torch.arange(width)  # a copy with at most `width` rows trains on all of them (and padding)
+    fixed = None if any(size > width for size in sizes) else batch(every_row.expand(len(trains), -1))
     for step in range(1, steps + 1):
         gate.train()
-        if resample:  # a random subset of each copy's rows: sort random keys, padding last
-            keys = torch.rand(rows.shape, generator=generator).masked_fill_(padding, 2.0)
-            inputs, ignored = batch(keys.argsort(1)[:, :width])
+        if fixed is None:  # a random subset of the rows of each copy that has more
+            order = [torch.randperm(size, generator=generator)[:width] if size > width else every_row for size in sizes]
+            inputs, ignored = batch(torch.stack(order))
         else:
             inputs, ignored = fixed
         logits = torch.einsum("fmbc,fmb->fmc", inputs.logits, stack(inputs.gate_inputs))  # (F, width, C)
@@ -311,6 +310,7 @@ class _GatePath:
 def _cross_validate_gate(
     gate: EnsembleGate,
     features: Features,
+    training: Features,
     folds: list[list[int]],
     row: torch.Tensor,
     starts: list[torch.Tensor],
@@ -358,7 +358,7 @@ def _cross_validate_gate(
         ]
         return any(rising)
 
-    _train_gates(gate, features, trains, starts, most, seed=seed, on_checkpoint=checkpoint)
+    _train_gates(gate, training, trains, starts, most, seed=seed, on_checkpoint=checkpoint)
     return path
 
 
@@ -477,6 +477,7 @@ def fit_calibrated_gate(
     gate_path = _cross_validate_gate(
         gate,
         features,
+        Features(features.gate_inputs, view_logits, view_labels),
         folds,
         row,
         starts,
