@@ -1,8 +1,9 @@
 """Does a cascade's GFLOPs saving show up in wall-clock time at real backbone sizes? ViT-B/32 and ViT-B/16
 architectures with random weights (benchmarks/realistic_clips.py), run cheapest first: after ViT-B/32 a share of
 the images stops (`--stop-shares`; the stop margin is set to the quantile of their ViT-B/32 margins that stops that
-share) and the others go on to ViT-B/16. Random weights make the stopping decisions meaningless, so this measures
-the mechanics only: the cascade runs each backbone on the images still going, batched.
+share; 0: none, the cascade's overhead alone) and the others go on to ViT-B/16. Random weights make the stopping
+decisions meaningless, so this measures the mechanics only: the cascade runs each backbone on the images still going,
+batched.
 
 Per image from pixel values (preprocessing excluded), full ensemble against cascade, side by side: rounds alternate
 the two, times are medians over rounds. Prints a table; `--save` writes it to benchmarks/results/.
@@ -30,7 +31,7 @@ from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--stop-shares", default="0.5,0.9", help="shares of images that stop after ViT-B/32")
+    parser.add_argument("--stop-shares", default="0,0.5,0.9", help="shares of images that stop after ViT-B/32")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
@@ -53,8 +54,10 @@ def main() -> None:
 
     rows = []
     for share in (float(s) for s in args.stop_shares.split(",")):
-        # Images whose margin reaches the (1 - share) quantile stop: about `share` of them.
-        cascade = Cascade(model.embed_dims, order, [float(margins(first).quantile(1 - share))])
+        # Images whose margin reaches the (1 - share) quantile stop: about `share` of them (none: the cascade's cost of
+        # combining after ViT-B/32 alone).
+        margin = float(margins(first).quantile(1 - share)) if share > 0 else float("inf")
+        cascade = Cascade(model.embed_dims, order, [margin])
         seconds_per_image()  # warm-up
         full, cascaded = [], []
         for _ in range(args.rounds):

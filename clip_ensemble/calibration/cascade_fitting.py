@@ -39,6 +39,9 @@ class CascadeReport:
     stage_choices: list[str]  # what calibration chose for each prefix gate (gate, averaging, best backbone)
     num_scored: int  # calibration images with out-of-fold answers, on which the rule was fitted
     seconds: float
+    # When it never stops early: the calibration images that would show a saving at the rates of lost answers seen
+    # here (the fewest over the stopping rules tried; None where every rule loses more than the tolerance).
+    images_needed: int | None = None
     tradeoff: list[dict] = field(default_factory=list)  # per risk tried: risk, stop_margins, accuracy, mean_gflops
 
     def to_dict(self) -> dict:
@@ -51,6 +54,13 @@ class CascadeReport:
     def __str__(self) -> str:
         stops = ", ".join(f"{name} {100 * f:.0f}%" for name, f in zip(self.order, self.stop_fractions))
         rule = "never stops early" if self.risk is None else f"stops where the change risk is under {self.risk:.2g}"
+        if self.risk is None and self.tolerance > 0:
+            rule += (
+                f" (about {self.images_needed} calibration images, {self.images_needed - self.num_scored} more, would "
+                "show a saving within the tolerance at the rate of lost answers seen here)"
+                if self.images_needed is not None
+                else " (every stopping rule tried loses more than the tolerance)"
+            )
         return (
             f"Cascade (tolerance {self.tolerance}): {rule}; out of fold ({self.num_scored} images) top-1 "
             f"{100 * self.accuracy:.1f}% at {self.mean_gflops:.3g} GFLOPs/image against the full ensemble's "
@@ -112,10 +122,13 @@ def _estimated_loss(correct: torch.Tensor, stage: torch.Tensor) -> float:
     return float(lost.sum() + 1) / (m + 2)
 
 
-def images_to_show_a_saving(tolerance: float) -> float:
-    """The fewest calibration images on which a cascade can stop any image early within `tolerance`: even with no
-    answer lost, `_estimated_loss` is 1 / (images + 2), which must not exceed the tolerance (98 at 0.01; inf at 0)."""
-    return max(1, math.ceil(1 / tolerance - 2 - 1e-9)) if tolerance > 0 else math.inf
+def images_to_show_a_saving(tolerance: float, lost_rate: float = 0.0) -> float:
+    """The fewest calibration images on which a stopping rule that loses `lost_rate` of the full ensemble's right
+    answers is shown within `tolerance`: `_estimated_loss`, (lost_rate * images + 1) / (images + 2), must not exceed
+    it. With no answer lost, 98 at 0.01; inf when `lost_rate` reaches the tolerance, or at tolerance 0."""
+    if tolerance <= lost_rate:
+        return math.inf
+    return max(1, math.ceil((1 - 2 * tolerance) / (tolerance - lost_rate) - 1e-9))
 
 
 def _choose(tradeoff: list[dict], tolerance: float) -> dict:
@@ -165,14 +178,16 @@ def fit_cascade(
     """Fit a cascade on calibration `features`, given the full ensemble's out-of-fold answers `full` (the
     `out_of_fold` of calibration's `fit_calibrated_gate` on the same features and seed).
 
-    Backbones run cheapest first (by `gflops`; ties keep the given order). After each of the first B - 1, a gate
-    over the backbones run so far, fitted with `fit_calibrated_gate` on their columns (the same folds), combines
-    them (after the first backbone, its own logits: a gate could not change its answer), and an image stops when
-    the combination's margin reaches that stage's stop margin. Stop margins come from one risk (`stop_margins`):
+    Backbones run cheapest first (by `gflops`; ties keep the given order). After each of the first B - 1, a static
+    combination of the backbones run so far (the mean of their logits, the best of them or static weights, as
+    `fit_calibrated_gate(per_image=False)` chooses on their logits, with the same folds) combines them (after the
+    first backbone, its own logits), and an image stops when the combination's margin reaches that stage's stop
+    margin. A stage has no hidden layer to train or to run: fitting costs little beside the gate's, and a stage
+    costs an image one weighted sum of logits. Stop margins come from one risk (`stop_margins`):
     the estimated chance that running the rest would change a stopped image's answer. The risk is the one with the
     lowest mean GFLOPs whose estimated loss of top-1 against the full ensemble, out of fold (`_estimated_loss`), is
     at most `tolerance` (a fraction: 0.01 is one point). `tolerance=0` never stops early: the cascade then gives the
-    full ensemble's answers exactly. Costs B - 2 calls of `fit_calibrated_gate` (over 2 to B - 1 backbones).
+    full ensemble's answers exactly.
     """
     if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not 0 <= tolerance < 1:
         raise ValueError(
@@ -191,7 +206,7 @@ def fit_cascade(
             stages.append(OutOfFold.of(full.index, prefix.logits[full.index, 0]))
             stage_choices.append(SINGLE_BACKBONE)
             continue
-        choice = fit_calibrated_gate(gate, prefix, seed=seed)
+        choice = fit_calibrated_gate(gate, prefix, seed=seed, per_image=False)
         if not torch.equal(choice.out_of_fold.index, full.index):
             raise ValueError("`full` must come from `fit_calibrated_gate` on the same features with the same seed.")
         stages.append(choice.out_of_fold)
@@ -212,12 +227,17 @@ def fit_cascade(
                 "stop_margins": thresholds,
                 "accuracy": float(correct[stage, torch.arange(m)].float().mean()),
                 "estimated_loss": _estimated_loss(correct, stage),
+                "lost": int((correct[-1] & ~correct[stage, torch.arange(m)]).sum()),
                 "mean_gflops": float(costs[stage].mean()),
                 "stop_fractions": torch.bincount(stage, minlength=len(order)).div(m).tolist(),
             }
         )
     full_accuracy = tradeoff[-1]["accuracy"]
     chosen = _choose(tradeoff, tolerance)
+    needed = min(
+        (images_to_show_a_saving(tolerance, p["lost"] / m) for p in tradeoff if p["stop_fractions"][-1] < 1),
+        default=math.inf,
+    )
     cascade.stop_margins = list(chosen["stop_margins"])
     report = CascadeReport(
         order=[names[b] for b in order],
@@ -232,6 +252,7 @@ def fit_cascade(
         stage_choices=stage_choices,
         num_scored=m,
         seconds=time.perf_counter() - started,
+        images_needed=None if chosen["risk"] is not None or math.isinf(needed) else max(int(needed), m + 1),
         tradeoff=tradeoff,
     )
     return cascade, report

@@ -403,6 +403,7 @@ def fit_calibrated_gate(
     *,
     seed: int = 0,
     num_folds: int = 5,
+    per_image: bool = True,
     progress: FitProgress | None = None,
 ) -> GateChoice:
     """Fit `gate` in place on `features`, keeping a simpler combination when the gate does not help.
@@ -414,7 +415,8 @@ def fit_calibrated_gate(
        convergence by full-batch L-BFGS with a penalty toward equal weights that cross-validation chooses (the most
        out-of-fold hits, ties by cross-entropy);
     4. the gate, whose weights depend on the image, trained by AdamW from those static weights for a number of steps
-       that cross-validation chooses (the lowest out-of-fold cross-entropy).
+       that cross-validation chooses (the lowest out-of-fold cross-entropy); not with `per_image=False` (a cascade's
+       stages: no training run, and no hidden layer to run for an image).
     The best backbone is chosen on each fold's training part; averaging and the best backbone are scored at an
     inverse temperature fitted there. Each candidate in turn replaces the one kept so far when it is right more often
     out of fold by more than one standard error (a McNemar z above `MIN_WIN_Z`), or else when its out-of-fold
@@ -471,28 +473,30 @@ def fit_calibrated_gate(
 
     # The static weights refitted on all the examples: kept as they are, or where the gate on all of them starts.
     static_bias = _static_path(gate, view_logits, view_labels, STATIC_PENALTIES[: static_index + 1])[-1]
-    # The gate, from each fold's chosen static weights; beside the folds, the gate on all the examples (from one
-    # quarter on, the gate kept is the one trained without the scored quarter).
-    starts = [path[static_index] for path in static_paths]
-    gate_path = _cross_validate_gate(
-        gate,
-        features,
-        Features(features.gate_inputs, view_logits, view_labels),
-        folds,
-        row,
-        starts,
-        seed=seed,
-        keep=(0, starts[0]) if single_split else (len(folds), static_bias),
-        progress=lambda fraction, what: progress(0.1 + 0.9 * fraction, f"The gate, cross-validated: {what}"),
-    )
-    steps = min(gate_path.reached, key=lambda s: float(gate_path.losses[s].mean()))  # ties: the shortest
-    out_of_fold[GATE] = OutOfFold(scored, gate_path.predictions[steps], gate_path.margins[steps])
-    losses[GATE] = gate_path.losses[steps]
+    # The gate (unless only static combinations are asked for), from each fold's chosen static weights; beside the
+    # folds, the gate on all the examples (from one quarter on, the gate kept is the one trained without the scored
+    # quarter).
+    if per_image:
+        starts = [path[static_index] for path in static_paths]
+        gate_path = _cross_validate_gate(
+            gate,
+            features,
+            Features(features.gate_inputs, view_logits, view_labels),
+            folds,
+            row,
+            starts,
+            seed=seed,
+            keep=(0, starts[0]) if single_split else (len(folds), static_bias),
+            progress=lambda fraction, what: progress(0.1 + 0.9 * fraction, f"The gate, cross-validated: {what}"),
+        )
+        steps = min(gate_path.reached, key=lambda s: float(gate_path.losses[s].mean()))  # ties: the shortest
+        out_of_fold[GATE] = OutOfFold(scored, gate_path.predictions[steps], gate_path.margins[steps])
+        losses[GATE] = gate_path.losses[steps]
 
     correct = {name: answers.predictions == scored_labels for name, answers in out_of_fold.items()}
     chosen = MEAN_OF_LOGITS
     # At the infinite penalty static weights are the mean of logits: no challenger.
-    for name in (BEST_BACKBONE, STATIC_WEIGHTS, GATE) if static_index > 0 else (BEST_BACKBONE, GATE):
+    for name in (BEST_BACKBONE, *([STATIC_WEIGHTS] if static_index > 0 else []), *([GATE] if per_image else [])):
         nests = name in (STATIC_WEIGHTS, GATE)
         if _beats(correct[name], correct[chosen], losses[name], losses[chosen], nests):
             chosen = name

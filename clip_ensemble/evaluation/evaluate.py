@@ -332,7 +332,12 @@ def accuracy_against_compute(
             mark = " (chosen)" if float(tolerance) == chosen else ""
             replays[len(points)] = stop_margins
             points.append(
-                {"method": f"cascade, tolerance {float(tolerance):g}{mark}", "kind": "cascade", "gflops": 0.0}
+                {
+                    "method": f"cascade, tolerance {float(tolerance):g}{mark}",
+                    "kind": "cascade",
+                    "gflops": 0.0,
+                    "chosen": bool(mark),
+                }
             )
     correct = [0] * len(points)
     try:

@@ -144,7 +144,8 @@ _KIND_STYLE = {  # kind of an accuracy-against-compute point -> (colour, marker)
 
 def compute_accuracy_chart(points: list[dict], path: str | os.PathLike, title: str) -> None:
     """Top-1 against mean GFLOPs per image for `evaluation.accuracy_against_compute`'s points (each backbone, the
-    subsets, the full ensemble, the cascade at several tolerances, joined by a line)."""
+    subsets, the full ensemble, the cascade's trade-off at several stopping rules, joined by a line, with the one
+    chosen (`"chosen": True`) ringed)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 5.5), layout="constrained")
@@ -162,6 +163,11 @@ def compute_accuracy_chart(points: list[dict], path: str | os.PathLike, title: s
             for p in chosen:
                 ax.annotate(_short(p["method"], 24), (p["gflops"], 100 * p["top1"]), fontsize=8, xytext=(4, 4),
                             textcoords="offset points")  # fmt: skip
+    for p in (p for p in points if p.get("chosen")):
+        ax.scatter([p["gflops"]], [100 * p["top1"]], s=260, facecolors="none", edgecolors="black", linewidths=1.5,
+                   label="cascade as fitted", zorder=4)  # fmt: skip
+        ax.annotate(_short(p["method"], 32), (p["gflops"], 100 * p["top1"]), fontsize=8, xytext=(8, -12),
+                    textcoords="offset points")  # fmt: skip
     ax.set_xlabel("mean GFLOPs per image")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title, fontsize=11)

@@ -58,10 +58,19 @@ class Cascade(nn.Module):
             )
         self._stop_margins = [None if v is None else float(v) for v in values]
 
-    def stage(self, k: int, image_embeds: list[torch.Tensor], logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def is_static(self, k: int) -> bool:
+        """Whether stage `k`'s weights are the same for every image (its gate's output layer reads nothing)."""
+        return not bool(self.gates[k].fc2.weight.any())
+
+    def stage(self, k: int, image_embeds: list[torch.Tensor] | None, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Stage `k`'s combination: embeddings of `order[:k + 1]` in run order, their logits (n, k + 1, C) ->
-        (combined logits (n, C), weights (n, k + 1), whether each image stops here (n,))."""
-        weights = self.gates[k](torch.cat(image_embeds, dim=-1))
+        (combined logits (n, C), weights (n, k + 1), whether each image stops here (n,)). A static stage needs no
+        embeddings (`None`): its hidden layer is not run."""
+        gate = self.gates[k]
+        if self.is_static(k):
+            weights = gate.activate(gate.fc2.bias).expand(len(logits), -1)
+        else:
+            weights = gate(torch.cat(image_embeds, dim=-1))
         combined = combine_logits(logits, weights)
         return combined, weights, stops(combined, self.stop_margins[k])
 

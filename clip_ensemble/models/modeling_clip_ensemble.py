@@ -294,7 +294,7 @@ class CLIPEnsembleModel(PreTrainedModel):
         if images is not None:
             pixel_values = self.processor(images)["pixel_values"]
         device = self.gate.fc1.weight.device
-        if self.cascade is not None:
+        if self.cascade is not None and any(margin is not None for margin in self.cascade.stop_margins):
             output = self._cascade_forward(pixel_values, image_embeds)
         else:
             if image_embeds is None:
@@ -342,19 +342,25 @@ class CLIPEnsembleModel(PreTrainedModel):
             per_backbone_logits = self.zero_shot_logits(embeds)
         for k, b in enumerate(order):
             if image_embeds is None:
-                new = self.backbones[b].encode_images(pixel_values[b][running.to(pixel_values[b].device)])
+                pixels = pixel_values[b]  # only the images still running go through the backbone, as one batch
+                new = self.backbones[b].encode_images(
+                    pixels if len(running) == batch else pixels[running.to(pixels.device)]
+                )
                 embeds[b][running] = new.to(device, torch.float32)
                 head = self.zero_shot_heads[b].to(device)
                 per_backbone_logits[running, b] = self.logit_scales[b] * embeds[b][running] @ head.T
             run[running] = k + 1
-            prefix = order[: k + 1]
-            prefix_embeds = [embeds[p][running] for p in prefix]
-            prefix_logits = per_backbone_logits[running][:, prefix]  # (running, k + 1, num_labels)
             if k == len(order) - 1:  # the last backbone: the model's own gate over all of them
                 weights = self.gate(torch.cat([embeds[p][running] for p in range(num_backbones)], dim=-1))
                 logits[running] = combine_logits(per_backbone_logits[running], weights)
                 gate_weights[running] = weights
                 break
+            if self.cascade.stop_margins[k] is None:  # no image stops here: nothing to combine yet
+                continue
+            prefix = order[: k + 1]
+            # A static stage reads no embeddings; (running, k + 1, num_labels) logits of the backbones run so far.
+            prefix_embeds = None if self.cascade.is_static(k) else [embeds[p][running] for p in prefix]
+            prefix_logits = per_backbone_logits[running[:, None], torch.tensor(prefix, device=device)]
             combined, weights, stop = self.cascade.stage(k, prefix_embeds, prefix_logits)
             done = running[stop]
             logits[done] = combined[stop]

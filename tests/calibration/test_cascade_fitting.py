@@ -1,10 +1,12 @@
 """The cascade: cheapest backbones first, confident images stop early; fitted by calibrate, saved and loaded."""
 
+import copy
+
 import pytest
 import torch
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate
-from clip_ensemble.calibration.cascade_fitting import run_on_features, stop_margins
+from clip_ensemble.calibration.cascade_fitting import images_to_show_a_saving, run_on_features, stop_margins
 from clip_ensemble.calibration.fitting import Features, OutOfFold
 from clip_ensemble.models.cascade import Cascade, cost_order
 from clip_ensemble.models.modeling_clip_ensemble import CASCADE_WEIGHTS_NAME, GATE_WEIGHTS_NAME
@@ -244,3 +246,37 @@ def test_fitting_a_cascade_reuses_calibrations_out_of_fold_answers(toy_backbone_
     model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
     calibrate(model, toy_dataset(per_class=4, seed=5), shots=4, cache=FeatureCache(None), cascade_tolerance=0.05)
     assert len(calls) == len(model.backbones) - 2
+
+
+def test_a_cascades_stages_are_static_combinations_that_read_no_embeddings(cascaded):
+    model, report = cascaded
+    cascade = model.cascade
+    assert all(cascade.is_static(k) for k in range(len(cascade.gates)))
+    assert set(report.cascade.stage_choices) <= {"single backbone", "mean of logits", "best backbone", "static weights"}
+    logits = torch.randn(4, 2, len(TOY_CLASSES))
+    embeds = torch.randn(4, sum(model.embed_dims[b] for b in cascade.order[:2]))
+    _, static_weights, _ = cascade.stage(1, None, logits)
+    torch.testing.assert_close(static_weights, cascade.gates[1](embeds))  # what its hidden layer would have given
+
+
+def test_a_cascade_that_never_stops_runs_as_the_full_ensemble(cascaded, test_images):
+    model, _ = cascaded
+    never = copy.copy(model.cascade)  # shares the stages; only the stop margins differ
+    never.stop_margins = [None] * len(never.gates)
+    out, plain = _run(model, test_images, never), _run(model, test_images, None)
+    torch.testing.assert_close(out.logits, plain.logits)
+    assert out.num_backbones_run.tolist() == [len(model.backbones)] * len(test_images)
+    assert not out.per_backbone_logits.isnan().any()
+
+
+def test_too_few_calibration_images_to_show_a_saving_say_how_many_would(toy_backbone_dirs):
+    assert images_to_show_a_saving(0.01) == 98  # (0 + 1) / (98 + 2): no answer lost
+    assert images_to_show_a_saving(0.01, lost_rate=0.005) == 196  # (0.98 + 1) / 198 <= 0.01
+    assert images_to_show_a_saving(0.01, lost_rate=0.01) == float("inf")
+    model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
+    report = calibrate(
+        model, toy_dataset(per_class=4, seed=5), shots=4, cache=FeatureCache(None), cascade_tolerance=0.01
+    ).cascade
+    # A loss under 1% needs about 100 images behind it; some stopping rules lose no answer on these 24.
+    assert report.risk is None and report.num_scored == 24 and report.images_needed == 98
+    assert "never stops early (about 98 calibration images, 74 more, would show a saving" in str(report)

@@ -60,6 +60,17 @@ def test_identical_backbones_keep_plain_averaging():
     assert torch.allclose(gate(features.gate_inputs), torch.full((24, 3), 1 / 3))
 
 
+def test_static_combinations_only_train_no_gate_and_read_no_embeddings():
+    features = _features([0.95, 0.5, 0.2], shots=8)
+    gate = EnsembleGate([8, 8, 8])
+    choice = fit_calibrated_gate(gate, features, seed=0, per_image=False)
+    assert choice.chosen in (MEAN_OF_LOGITS, BEST_BACKBONE, STATIC_WEIGHTS) and GATE not in choice.cv_accuracy
+    assert not gate.fc2.weight.any()  # the same weights for every image: the hidden layer is never read
+    assert fit_calibrated_gate(EnsembleGate([8, 8, 8]), features, seed=0).cv_accuracy[STATIC_WEIGHTS] == pytest.approx(
+        choice.cv_accuracy[STATIC_WEIGHTS]
+    )  # the simpler candidates are scored as when the gate competes
+
+
 def test_one_good_backbone_among_bad_ones_is_kept_alone_or_gated_to():
     features = _features([0.95, 0.2, 0.2], shots=8)
     gate = EnsembleGate([8, 8, 8])
