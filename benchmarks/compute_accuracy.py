@@ -23,6 +23,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -202,9 +203,13 @@ def main() -> None:
             f"fitting: gate {np.mean([r['gate_seconds'] for r in runs]):.1f} s, cascade "
             f"{np.mean([r['cascade_seconds'] for r in runs]):.1f} s; subsets chosen: {', '.join(subsets)}"
             + "".join(
-                f"; seed {seed}: never stops early, " + ("no stopping rule stays within the tolerance"
-                if r["images_needed"] is None else f"{r['images_needed']} calibration images would show a saving")
-                for seed, r in enumerate(runs) if r["never_stops"]
+                f"; never stops early on {count} of {len(runs)} seeds: "
+                + (
+                    "no stopping rule stays within the tolerance"
+                    if needed is None
+                    else f"{needed} calibration images would show a saving"
+                )
+                for needed, count in Counter(r["images_needed"] for r in runs if r["never_stops"]).items()
             )  # fmt: skip
         )
         charts.append((name, runs[0]["points"]))

@@ -75,8 +75,8 @@ GATE = "gate"
 # the mean of logits).
 STATIC_PENALTIES = (math.inf, 1.0, 0.03, 0.001)
 MAX_ITER = 20  # L-BFGS iterations per fit (each fit starts from the previous penalty's)
-# Training static weights on more classes than this keeps, per image, the classes that some backbone ranks high (and
-# its label): the others have a negligible probability under any weights. Scoring always uses every class.
+# Training static weights and the gate on more classes than this keeps, per image, the classes that some backbone ranks
+# high (and its label): the others have a negligible probability under any weights. Scoring always uses every class.
 TRAIN_CLASSES = 16
 # The gate, as the paper trains it: AdamW on mini-batches from its initialisation, for a number of steps chosen by
 # cross-validation among STEP_CHOICES (fewer steps stay closer to where it starts); the learning rate, weight decay
@@ -223,7 +223,8 @@ class _GateStack(nn.Module):
         def stacked(weight: torch.Tensor) -> nn.Parameter:
             return nn.Parameter(weight.detach().expand(copies, *weight.shape).clone())
 
-        self.fc1_weight, self.fc1_bias = stacked(gate.fc1.weight.T), stacked(gate.fc1.bias[None])  # (F, D, H), (F, 1, H)
+        self.fc1_weight = stacked(gate.fc1.weight.T)  # (F, D, H)
+        self.fc1_bias = stacked(gate.fc1.bias[None])  # (F, 1, H)
         self.fc2_weight = stacked(gate.fc2.weight.T)  # (F, H, B)
         self.fc2_bias = nn.Parameter(starts.detach()[:, None].clone())  # (F, 1, B)
 
@@ -425,7 +426,8 @@ def fit_calibrated_gate(
     top-1 evidence). The chosen candidate is refitted on all the examples. From `SINGLE_SPLIT_FROM` examples on, one
     held-out quarter is scored instead of k folds, and a chosen gate is the one trained on the other three quarters.
     The chosen candidate's out-of-fold answers come back in `GateChoice.out_of_fold` (the cascade fits its stopping
-    rule on them). `progress(fraction, description)` hears of each fold and of the gate's training steps.
+    rule on them). `progress(fraction, description)` hears of each fold's static weights and of the gate's training
+    steps (the folds' gates train together).
     """
     progress = progress or _no_progress
     features = Features(*features)
