@@ -101,7 +101,7 @@ def run_seed(task: FeatureTask, gflops: list[float], shots: int, seed: int, tole
                            "top1": top1(logits, test.labels), "gflops": float(costs[run].mean())})  # fmt: skip
         cascade.stop_margins = report.stop_margins
         logits, run = run_on_features(cascade, gate, test, dims)
-        points.append({"method": f"cascade at tolerance {tolerance:g} (chosen)", "kind": "cascade", "chosen": True,
+        points.append({"method": f"cascade, tolerance {tolerance:g} (chosen)", "kind": "cascade", "chosen": True,
                        "top1": top1(logits, test.labels), "gflops": float(costs[run].mean())})  # fmt: skip
 
     best, _, _ = weigh_subsets(support, dims, gflops, full_gflops / 2, seed=seed)

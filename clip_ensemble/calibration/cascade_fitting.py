@@ -36,7 +36,7 @@ class CascadeReport:
     accuracy: float  # out-of-fold top-1 of the cascade
     mean_gflops: float  # mean GFLOPs per image of the cascade, out of fold
     stop_fractions: list[float]  # fraction of images that stop after each backbone of `order`
-    stage_choices: list[str]  # what calibration chose for each prefix gate (gate, averaging, best backbone)
+    stage_choices: list[str]  # what calibration chose for each prefix (mean of logits, best backbone, static weights)
     num_scored: int  # calibration images with out-of-fold answers, on which the rule was fitted
     seconds: float
     # When it never stops early: the calibration images that would show a saving at the rates of lost answers seen
@@ -200,13 +200,17 @@ def fit_cascade(
     names = names or [f"backbone {b}" for b in range(len(gflops))]
     cascade = Cascade(embed_dims, order, [None] * (len(order) - 1), hidden_size, combination)
     stages, stage_choices = [], []
+    logits = features.logits[:, order]  # (n, B, C) in run order: each prefix is a view of it
+    best_log_probs = logits[:, 0].log_softmax(-1)  # (n, C), over the backbones run so far
     for k, gate in enumerate(cascade.gates):
-        prefix = features.of_backbones(embed_dims, order[: k + 1])
         if k == 0:  # one backbone: a gate could only rescale its logits, never change its answer
-            stages.append(OutOfFold.of(full.index, prefix.logits[full.index, 0]))
+            stages.append(OutOfFold.of(full.index, logits[full.index, 0]))
             stage_choices.append(SINGLE_BACKBONE)
             continue
-        choice = fit_calibrated_gate(gate, prefix, seed=seed, per_image=False)
+        best_log_probs = torch.maximum(best_log_probs, logits[:, k].log_softmax(-1))
+        # A static combination reads no embeddings: the gate inputs go along as they are, uncopied.
+        prefix = Features(features.gate_inputs, logits[:, : k + 1], features.labels)
+        choice = fit_calibrated_gate(gate, prefix, seed=seed, per_image=False, best_log_probs=best_log_probs)
         if not torch.equal(choice.out_of_fold.index, full.index):
             raise ValueError("`full` must come from `fit_calibrated_gate` on the same features with the same seed.")
         stages.append(choice.out_of_fold)

@@ -37,8 +37,8 @@ class Features(NamedTuple):
     def of_backbones(self, embed_dims: list[int], backbones: list[int]) -> Features:
         """The features of `backbones` alone, in that order: their gate-input columns and their logits."""
         starts = np.cumsum([0, *embed_dims])
-        columns = [c for b in backbones for c in range(starts[b], starts[b + 1])]
-        return Features(self.gate_inputs[:, columns], self.logits[:, list(backbones)], self.labels)
+        gate_inputs = torch.cat([self.gate_inputs[:, starts[b] : starts[b + 1]] for b in backbones], dim=1)
+        return Features(gate_inputs, self.logits[:, list(backbones)], self.labels)
 
 
 def cross_validation_folds(labels: torch.Tensor | list[int], num_folds: int = 5, seed: int = 0) -> list[list[int]]:
@@ -171,12 +171,15 @@ def _lbfgs(parameters: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor]) 
         optimizer.step(closure)
 
 
-def _training_view(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _training_view(
+    logits: torch.Tensor, labels: torch.Tensor, best_log_probs: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, B, C) logits and (n,) labels to train on: when large, each image's `TRAIN_CLASSES` classes with the best
-    probability under some backbone (its own label among them), as (n, B, K) logits and (n,) positions in them."""
+    probability under some backbone (its own label among them), as (n, B, K) logits and (n,) positions in them.
+    `best_log_probs` ((n, C), each class's best log-probability under any backbone) is computed when not given."""
     if logits.shape[-1] <= TRAIN_CLASSES:
         return logits, labels
-    best_probability = logits.log_softmax(-1).amax(1)  # (n, C)
+    best_probability = logits.log_softmax(-1).amax(1) if best_log_probs is None else best_log_probs.clone()  # (n, C)
     best_probability[torch.arange(len(labels)), labels] = math.inf  # the label is always kept
     kept = best_probability.topk(TRAIN_CLASSES, dim=-1).indices  # (n, K), the label first
     return logits.gather(2, kept[:, None].expand(-1, logits.shape[1], -1)), torch.zeros_like(labels)
@@ -406,6 +409,7 @@ def fit_calibrated_gate(
     num_folds: int = 5,
     per_image: bool = True,
     progress: FitProgress | None = None,
+    best_log_probs: torch.Tensor | None = None,
 ) -> GateChoice:
     """Fit `gate` in place on `features`, keeping a simpler combination when the gate does not help.
 
@@ -427,7 +431,8 @@ def fit_calibrated_gate(
     held-out quarter is scored instead of k folds, and a chosen gate is the one trained on the other three quarters.
     The chosen candidate's out-of-fold answers come back in `GateChoice.out_of_fold` (the cascade fits its stopping
     rule on them). `progress(fraction, description)` hears of each fold's static weights and of the gate's training
-    steps (the folds' gates train together).
+    steps (the folds' gates train together). `best_log_probs`, (n, C) each class's best log-probability under any
+    backbone, spares recomputing it (a cascade's prefixes each add one backbone).
     """
     progress = progress or _no_progress
     features = Features(*features)
@@ -444,7 +449,7 @@ def fit_calibrated_gate(
     row = torch.full((n,), -1, dtype=torch.long, device=device)  # example -> its row among the scored ones
     row[scored] = torch.arange(len(scored), device=device)
     # The classes to fit static weights on, per image, once for all folds (every class unless there are many).
-    view_logits, view_labels = _training_view(features.logits, labels)
+    view_logits, view_labels = _training_view(features.logits, labels, best_log_probs)
 
     # Out-of-fold (m, C) combined logits of the m scored examples per untrained candidate (and per penalty for static
     # weights). The untrained candidates' cross-entropy is taken at an inverse temperature fitted on the training part
@@ -473,8 +478,10 @@ def fit_calibrated_gate(
     held_out[STATIC_WEIGHTS], losses[STATIC_WEIGHTS] = static_out[static_index], static_losses[static_index]
     out_of_fold = {name: OutOfFold.of(scored, logits) for name, logits in held_out.items()}
 
-    # The static weights refitted on all the examples: kept as they are, or where the gate on all of them starts.
-    static_bias = _static_path(gate, view_logits, view_labels, STATIC_PENALTIES[: static_index + 1])[-1]
+    def static_bias_on_everything() -> torch.Tensor:  # kept as they are, or where the gate on all the examples starts
+        return _static_path(gate, view_logits, view_labels, STATIC_PENALTIES[: static_index + 1])[-1]
+
+    static_bias = static_bias_on_everything() if per_image and not single_split else None
     # The gate (unless only static combinations are asked for), from each fold's chosen static weights; beside the
     # folds, the gate on all the examples (from one quarter on, the gate kept is the one trained without the scored
     # quarter).
@@ -505,6 +512,7 @@ def fit_calibrated_gate(
 
     settings: dict = {}
     if chosen == STATIC_WEIGHTS:
+        static_bias = static_bias_on_everything() if static_bias is None else static_bias
         with torch.random.fork_rng(devices=[]):  # the unused hidden layer too is the same for a seed
             torch.manual_seed(seed)
             gate.reset_parameters()

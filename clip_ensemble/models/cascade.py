@@ -17,7 +17,8 @@ def cost_order(gflops: list[float]) -> list[int]:
 class Cascade(nn.Module):
     """Backbones run cheapest first; after each of the first B - 1, a gate over the backbones run so far combines
     their logits, and an image stops there when the combination's margin (top-1 minus top-2 logit) reaches that
-    stage's stop margin. The others go on; after the last backbone the model's own gate decides.
+    stage's stop margin. The others go on; after the last backbone the model's own gate decides. Fitted stages are
+    static (the same weights for every image: `is_static`), so a stage runs no hidden layer, only a weighted sum.
 
     `order` is the run order (backbone indices); `gates[k]` weighs the first k + 1 backbones of it, and
     `stop_margins[k]` is its stop margin (`None`: no image stops there). With every stop margin `None` the cascade

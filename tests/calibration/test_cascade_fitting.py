@@ -233,7 +233,7 @@ def test_cached_features_give_the_models_own_cascade_answers(cascaded, test_imag
 
 
 def test_fitting_a_cascade_reuses_calibrations_out_of_fold_answers(toy_backbone_dirs, monkeypatch):
-    # Only the prefix gates of 2 .. B - 1 backbones are fitted: no fold is refitted for the stopping rule.
+    # Only the combinations of 2 .. B - 1 backbones are fitted: no fold is refitted for the stopping rule.
     import clip_ensemble.calibration.cascade_fitting
 
     calls = []
