@@ -4,7 +4,8 @@
 
 Times calibration's `fit_calibrated_gate` (the full gate) and then `fit_cascade`, which reuses the full gate's
 out-of-fold answers and chooses a static combination (`fit_calibrated_gate(per_image=False)`) for each prefix of 2..8
-backbones; scores both on the held-out test images. Prints a table; `--save` writes it to benchmarks/results/cascade_fitting.md.
+backbones; scores both on the held-out test images. Prints a table; `--save` writes it to
+benchmarks/results/cascade_fitting.md.
 
     python benchmarks/cascade_fitting.py [--save]
 """
