@@ -47,8 +47,11 @@ TASKS = ("colours", "digits", "synthetic", "hard-images")
 TARGET_SHARE = 0.6  # of the full ensemble's GFLOPs, within 1 point of its top-1
 
 
-def load_task(name: str, workdir: Path, synthetic_classes: int):
-    """(FeatureTask, GFLOPs per backbone, model and test images for wall-clock timing, or None for synthetic)."""
+def load_task(name: str, workdir: Path, synthetic_classes: int, shots: int):
+    """(FeatureTask, GFLOPs per backbone, model and test images for wall-clock timing, or None for synthetic).
+
+    The feature tasks' pools hold twice `shots` images per class, so that each seed draws other calibration images,
+    and their test sets a few thousand images, so that a loss of a fraction of a point shows above their noise."""
     cache = FeatureCache(None)
     if name == "colours":
         model = CLIPEnsembleModel.from_backbones(toy_backbones(workdir / "colours"), labels=list(TOY_CLASSES))
@@ -57,11 +60,11 @@ def load_task(name: str, workdir: Path, synthetic_classes: int):
         model = CLIPEnsembleModel.from_backbones(digits_backbones(workdir / "digits"), labels=list(DIGIT_CLASSES))
         pool, test = digits_dataset("pool"), digits_dataset("test")
     elif name == "synthetic":
-        task = synthetic_task(num_classes=synthetic_classes, pool_shots=16, test_per_class=10, seed=0)
+        task = synthetic_task(num_classes=synthetic_classes, pool_shots=2 * shots, test_per_class=40, seed=0)
         gflops = [entry["image_gflops"] for entry in load_hub_config("paper-openai-9")["backbones"]]
         return task, gflops, None
     elif name == "hard-images":
-        task = hard_images_task(num_classes=20, seed=0)
+        task = hard_images_task(num_classes=20, pool_shots=2 * shots, test_per_class=100, seed=0)
         return task, [e.shape[1] / 64 for e in task.pool_embeds], None  # 4 to 8 GFLOPs, as the widths go
     else:
         raise ValueError(f"Unknown task '{name}'; choose from {', '.join(TASKS)}.")
@@ -176,7 +179,7 @@ def main() -> None:
 
     rows, notes, charts = [], [], []
     for name in args.tasks.split(","):
-        task, gflops, timing = load_task(name, workdir, args.synthetic_classes)
+        task, gflops, timing = load_task(name, workdir, args.synthetic_classes, args.shots)
         runs = [run_seed(task, gflops, args.shots, seed, args.tolerance) for seed in range(args.seeds)]
         losses = [r["full"] - r["cascade"] for r in runs]
         shares = [r["cascade_share"] for r in runs]
