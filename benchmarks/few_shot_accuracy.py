@@ -51,7 +51,10 @@ BASELINES = (STACKING, LINEAR_PROBE, TIP_ADAPTER)
 
 
 def load_tasks(names: list[str], workdir: Path, synthetic_classes: int) -> list[FeatureTask]:
+    """The feature tasks' pools hold twice the largest k per class, so that each seed draws other shots at every k, and
+    their test sets 2,000 images, so that a difference of a few tenths of a point is more than one test image."""
     tasks = []
+    pool_shots = 2 * max(SHOTS)
     cache = FeatureCache(None)
     for name in names:
         if name == "colours":
@@ -62,11 +65,18 @@ def load_tasks(names: list[str], workdir: Path, synthetic_classes: int) -> list[
             model = CLIPEnsembleModel.from_backbones(digits_backbones(workdir / "digits"), labels=list(DIGIT_CLASSES))
             tasks.append(feature_task("digits", model, digits_dataset("pool"), digits_dataset("test"), cache))
         elif name == "synthetic":
-            tasks.append(synthetic_task(num_classes=synthetic_classes, pool_shots=16, test_per_class=10, seed=0))
+            tasks.append(
+                synthetic_task(
+                    num_classes=synthetic_classes,
+                    pool_shots=pool_shots,
+                    test_per_class=2000 // synthetic_classes,
+                    seed=0,
+                )
+            )
         elif name == "hard-images":
-            tasks.append(hard_images_task(num_classes=20, seed=0))
+            tasks.append(hard_images_task(num_classes=20, pool_shots=pool_shots, test_per_class=100, seed=0))
         elif name == "dominant":
-            tasks.append(dominant_backbone_task(num_classes=20, seed=0))
+            tasks.append(dominant_backbone_task(num_classes=20, pool_shots=pool_shots, test_per_class=100, seed=0))
         else:
             raise ValueError(f"Unknown task '{name}'; choose from {', '.join(TASKS)}.")
     return tasks
