@@ -224,7 +224,9 @@ class _GateStack(nn.Module):
         copies = len(starts)  # starts: (F, B) output biases, the static weights each copy starts from
 
         def stacked(weight: torch.Tensor) -> nn.Parameter:
-            return nn.Parameter(weight.detach().expand(copies, *weight.shape).clone())
+            return nn.Parameter(
+                weight.detach().expand(copies, *weight.shape).clone(memory_format=torch.contiguous_format)
+            )
 
         self.fc1_weight = stacked(gate.fc1.weight.T)  # (F, D, H)
         self.fc1_bias = stacked(gate.fc1.bias[None])  # (F, 1, H)
