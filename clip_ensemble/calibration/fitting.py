@@ -224,6 +224,8 @@ class _GateStack(nn.Module):
         copies = len(starts)  # starts: (F, B) output biases, the static weights each copy starts from
 
         def stacked(weight: torch.Tensor) -> nn.Parameter:
+            # Contiguous: a plain clone keeps the transposed strides of `fc1.weight.T`, and fused AdamW then copies
+            # the parameter to its gradient's layout and back at every step (most of a step's time at small n).
             return nn.Parameter(
                 weight.detach().expand(copies, *weight.shape).clone(memory_format=torch.contiguous_format)
             )
