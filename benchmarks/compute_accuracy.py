@@ -121,6 +121,7 @@ def run_seed(task: FeatureTask, gflops: list[float], shots: int, seed: int, tole
         "cascade": top1(logits, test.labels),
         "cascade_share": float(costs[run].mean()) / full_gflops,
         "estimated_share": report.mean_gflops / report.full_gflops,
+        "estimated_loss": report.full_accuracy - report.accuracy,  # out of fold, on the calibration images
         "stopped_early": float((run < len(dims)).float().mean()),
         "subset": top1(subset_logits, test.labels),
         "subset_share": best["gflops"] / full_gflops,
@@ -202,7 +203,9 @@ def main() -> None:
             f"- {name}: {len(task.label_names)} classes, {args.shots * len(task.label_names)} calibration and "
             f"{len(task.test_labels)} test images; cascade order {order} (GFLOPs/image "
             + ", ".join(f"{gflops[b]:.3g}" for b in cost_order(gflops))
-            + f"); estimated share of GFLOPs on the calibration folds {spread([r['estimated_share'] for r in runs])}%; "
+            + f"); on the calibration folds (where the stopping rule was fitted), estimated loss "
+            f"{spread([r['estimated_loss'] for r in runs])} points at {spread([r['estimated_share'] for r in runs])}% "
+            "of the GFLOPs; "
             f"fitting: gate {np.mean([r['gate_seconds'] for r in runs]):.1f} s, cascade "
             f"{np.mean([r['cascade_seconds'] for r in runs]):.1f} s; subsets chosen: {', '.join(subsets)}"
             + "".join(
