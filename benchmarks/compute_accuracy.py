@@ -203,7 +203,7 @@ def main() -> None:
             f"- {name}: {len(task.label_names)} classes, {args.shots * len(task.label_names)} calibration and "
             f"{len(task.test_labels)} test images; cascade order {order} (GFLOPs/image "
             + ", ".join(f"{gflops[b]:.3g}" for b in cost_order(gflops))
-            + f"); on the calibration folds (where the stopping rule was fitted), estimated loss "
+            + f"); on the calibration folds, each judged under stop margins fitted on the others: estimated loss "
             f"{spread([r['estimated_loss'] for r in runs])} points at {spread([r['estimated_share'] for r in runs])}% "
             "of the GFLOPs; "
             f"fitting: gate {np.mean([r['gate_seconds'] for r in runs]):.1f} s, cascade "
