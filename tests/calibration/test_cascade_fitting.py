@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate
-from clip_ensemble.calibration.cascade_fitting import images_to_show_a_saving, run_on_features, stop_margins
-from clip_ensemble.calibration.fitting import Features, OutOfFold
+from clip_ensemble.calibration.cascade_fitting import (
+    _folds_of,
+    _judged_out_of_fold,
+    images_to_show_a_saving,
+    run_on_features,
+    stop_margins,
+)
+from clip_ensemble.calibration.fitting import Features, OutOfFold, cross_validation_folds
 from clip_ensemble.models.cascade import Cascade, cost_order
 from clip_ensemble.models.modeling_clip_ensemble import CASCADE_WEIGHTS_NAME, GATE_WEIGHTS_NAME
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
@@ -219,6 +225,31 @@ def test_a_stage_stops_only_the_confident_images_that_agree_with_the_full_ensemb
     # At risk 0.005 the 100 images left are too few to show it ((0 + 1) / 102); at 0.01 the 99 left are enough.
     assert stop_margins([stage, second], full, risk=0.005) == [101.0, None]
     assert stop_margins([stage, second], full, risk=0.01) == [100.0, 1.0]
+
+
+def _rows(answers: OutOfFold, keep: torch.Tensor) -> OutOfFold:
+    return OutOfFold(answers.index[keep], answers.predictions[keep], answers.margins[keep])
+
+
+def test_each_stopping_rule_is_judged_on_images_its_margins_were_not_fitted_on():
+    # 300 images, margins 300..1: the 200 most confident agree with the full ensemble, then every third one does not.
+    agree = [True] * 200 + [i % 3 > 0 for i in range(100)]
+    stage, full = _answers([float(m) for m in range(300, 0, -1)], agree)
+    folds = cross_validation_folds(torch.zeros(300, dtype=torch.long), 5, seed=0)
+    stops, kept = _judged_out_of_fold(_folds_of([stage], full, folds), risk=0.02)
+    fold_margins = []
+    for fold in folds:  # each fold stops as the margin fitted without it says
+        held = torch.zeros(300, dtype=torch.bool)
+        held[fold] = True
+        (margin,) = stop_margins([_rows(stage, ~held)], _rows(full, ~held), 0.02)
+        assert stops[held].tolist() == [0 if m >= margin else 1 for m in stage.margins[held].tolist()]
+        fold_margins.append(margin)
+    # Kept: the median of the five folds' margins, the rule that was judged.
+    assert kept == [sorted(fold_margins)[2]]
+    # A stage where most folds stop nothing keeps no margin: 20 images cannot show a 2% change rate.
+    few, few_full = _answers([float(m) for m in range(20, 0, -1)], [True] * 20)
+    few_folds = cross_validation_folds(torch.zeros(20, dtype=torch.long), 5, seed=0)
+    assert _judged_out_of_fold(_folds_of([few], few_full, few_folds), risk=0.02)[1] == [None]
 
 
 def test_cached_features_give_the_models_own_cascade_answers(cascaded, test_images):
