@@ -11,6 +11,7 @@ from clip_ensemble.calibration.fitting import (
     Features,
     GateChoice,
     _fit_inverse_temperature,
+    _train_gates,
     cross_validation_folds,
     fit_calibrated_gate,
 )
@@ -123,6 +124,34 @@ def test_a_chosen_gate_is_saved_in_the_gates_own_parameters():
         torch.testing.assert_close(reloaded(features.gate_inputs), gate(features.gate_inputs))
     if choice.chosen == STATIC_WEIGHTS:  # one weight per backbone: the output layer's weights stay zero
         assert not gate.fc2.weight.any()
+
+
+def _hidden_unit_moves(width: int) -> torch.Tensor:
+    """How far the gate's hidden units move on a training image in its second AdamW step (its output layer starts at
+    zero, so the first step moves only that), for three backbones of `width`-wide embeddings."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(4)
+    embeds = torch.nn.functional.normalize(torch.randn(4, 3, width, generator=generator), dim=-1).flatten(1)
+    features = Features(embeds, torch.randn(4, 3, 4, generator=generator), labels)
+    gate = EnsembleGate([width] * 3, hidden_size=16)
+    preactivations = []
+
+    @torch.no_grad()
+    def checkpoint(stack, step: int) -> bool:
+        preactivations.append(torch.addmm(stack.fc1_bias[0], embeds[:1], stack.fc1_weight[0]))
+        return step == 2
+
+    _train_gates(gate, features, [labels], [gate.fc2.bias.detach()], 2, seed=0, on_checkpoint=checkpoint)
+    moves = (preactivations[1] - preactivations[0]).abs().flatten()
+    return moves[moves > 0]
+
+
+def test_a_gate_step_moves_hidden_units_as_far_whatever_the_embedding_width():
+    # The learning rate is over the inputs' L1 norm: at a fixed 1e-3 they would move 0.001 with 8-wide embeddings
+    # and 7x as far with 512-wide ones.
+    narrow, wide = _hidden_unit_moves(8).median(), _hidden_unit_moves(512).median()
+    assert 0.05 < narrow < 2 and 0.05 < wide < 2
+    assert wide / narrow == pytest.approx(1, abs=0.25)
 
 
 def test_inverse_temperature_recovers_the_scale_labels_were_drawn_at():
