@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.gate import combine_logits
 from .fitting import Features, cross_validation_folds
 
 STACKING = "stacking (static weights)"
@@ -120,7 +121,7 @@ def _stacking_paths(features: Features, penalties: Sequence[float]) -> list[torc
 
         def loss(penalty: float = penalty) -> torch.Tensor:
             weights = nn.functional.softplus(theta)
-            combined = torch.einsum("nbc,b->nc", features.logits, weights)
+            combined = combine_logits(features.logits, weights)
             return nn.functional.cross_entropy(combined, features.labels) + penalty * (weights - uniform).pow(2).sum()
 
         if not math.isinf(penalty):
@@ -135,7 +136,7 @@ def fit_stacking(support: Features, *, seed: int = 0, num_folds: int = 5) -> Bas
     folds = cross_validation_folds(support.labels, num_folds, seed)
 
     def fit_and_score(train: Features, val: Features) -> list[torch.Tensor]:
-        return [torch.einsum("nbc,b->nc", val.logits, w) for w in _stacking_paths(train, STACKING_PENALTIES)]
+        return [combine_logits(val.logits, w) for w in _stacking_paths(train, STACKING_PENALTIES)]
 
     best, cv_accuracy = _choose(support, folds, STACKING_PENALTIES, fit_and_score)
     weights = _stacking_paths(support, STACKING_PENALTIES[: best + 1])[-1]
@@ -145,7 +146,7 @@ def fit_stacking(support: Features, *, seed: int = 0, num_folds: int = 5) -> Bas
         settings,
         cv_accuracy,
         len(folds),
-        lambda features: torch.einsum("nbc,b->nc", features.logits, weights),
+        lambda features: combine_logits(features.logits, weights),
     )
 
 

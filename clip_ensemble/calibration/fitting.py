@@ -116,6 +116,28 @@ class OutOfFold(NamedTuple):
         return cls(index, logits.argmax(-1), margins(logits))
 
 
+class _ScoredAnswers(NamedTuple):
+    """A candidate's answers on the m scored examples, filled fold by fold; of each fold's (m_f, C) combined logits
+    only these are kept (at paper scale a (m, C) table per candidate and penalty would be tens of MB)."""
+
+    predictions: torch.Tensor  # (m,) class indices
+    margins: torch.Tensor  # (m,) top-1 minus top-2 combined logit
+    losses: torch.Tensor  # (m,) cross-entropy
+
+    @classmethod
+    def empty(cls, m: int, device: torch.device) -> _ScoredAnswers:
+        return cls(
+            torch.zeros(m, dtype=torch.long, device=device),
+            torch.zeros(m, device=device),
+            torch.zeros(m, device=device),
+        )
+
+    def record(self, rows: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, scale: float = 1.0) -> None:
+        """Fill `rows` from (m_f, C) combined logits; the cross-entropy at inverse temperature `scale`."""
+        self.predictions[rows], self.margins[rows] = logits.argmax(-1), margins(logits)
+        self.losses[rows] = nn.functional.cross_entropy(scale * logits, labels, reduction="none")
+
+
 @dataclass
 class GateChoice:
     """What `fit_calibrated_gate` chose and why.
@@ -195,8 +217,7 @@ def _training_view(
 def _static_path(gate: EnsembleGate, logits: torch.Tensor, labels: torch.Tensor, penalties: Sequence[float]):
     """(B,) output biases of static weights fitted on (n, B, C) logits, one per penalty, strongest first, each fit
     starting from the previous one; an infinite penalty keeps equal weights (the gate's initial bias)."""
-    gate.reset_parameters()
-    bias = gate.fc2.bias.detach().clone().requires_grad_(True)
+    bias = torch.full((logits.shape[1],), gate.averaging_bias, device=logits.device, requires_grad=True)
     uniform = 1.0 / logits.shape[1]
     fitted = []
     for penalty in penalties:
@@ -305,7 +326,7 @@ def _train_gates(
             inputs, ignored = batch(torch.stack(order))
         else:
             inputs, ignored = fixed
-        logits = torch.einsum("fmbc,fmb->fmc", inputs.logits, stack(inputs.gate_inputs))  # (F, width, C)
+        logits = combine_logits(inputs.logits, stack(inputs.gate_inputs))  # (F, width, C)
         loss = nn.functional.cross_entropy(logits.transpose(1, 2), inputs.labels, reduction="none")  # (F, width)
         loss = (loss.masked_fill(ignored, 0.0).sum(1) / (~ignored).sum(1)).sum()  # each copy's mean, summed
         optimizer.zero_grad()
@@ -463,39 +484,39 @@ def fit_calibrated_gate(
     trains = [sorted(set(range(n)) - set(fold)) for fold in folds]
     single_correct = features.logits.argmax(-1) == labels[:, None]  # (n, B)
     best = int(single_correct.float().mean(0).argmax())
-    mean_logits = features.logits.mean(1)  # (n, C)
-    scored_labels, num_classes = labels[scored], features.logits.shape[-1]
+    scored_labels = labels[scored]
     row = torch.full((n,), -1, dtype=torch.long, device=device)  # example -> its row among the scored ones
     row[scored] = torch.arange(len(scored), device=device)
     # The classes to fit static weights on, per image, once for all folds (every class unless there are many).
     view_logits, view_labels = _training_view(features.logits, labels, best_log_probs)
 
-    # Out-of-fold (m, C) combined logits of the m scored examples per untrained candidate (and per penalty for static
-    # weights). The untrained candidates' cross-entropy is taken at an inverse temperature fitted on the training part
-    # (it changes none of their answers), so that it compares with the fitted candidates' learnt scale.
-    held_out = {name: mean_logits.new_zeros(len(scored), num_classes) for name in (MEAN_OF_LOGITS, BEST_BACKBONE)}
-    losses = {name: torch.zeros(len(scored), device=device) for name in held_out}
-    static_out = mean_logits.new_zeros(len(STATIC_PENALTIES), len(scored), num_classes)
+    # Out-of-fold answers of the scored examples per untrained candidate, and per penalty for static weights. The
+    # untrained candidates' cross-entropy is taken at an inverse temperature fitted on the training part (it changes
+    # none of their answers), so that it compares with the fitted candidates' learnt scale.
+    answers = {name: _ScoredAnswers.empty(len(scored), device) for name in (MEAN_OF_LOGITS, BEST_BACKBONE)}
+    static_answers = [_ScoredAnswers.empty(len(scored), device) for _ in STATIC_PENALTIES]
     static_paths = []
     for f, (fold, train) in enumerate(zip(folds, trains)):
         progress(0.1 * f / len(folds), f"Static weights: fold {f + 1} of {len(folds)}")
         train_best = int(single_correct[train].float().mean(0).argmax())
+        fold_logits = features.logits[fold]  # (m_f, B, C), gathered once for every candidate
         for name, logits, view in (
-            (MEAN_OF_LOGITS, mean_logits, view_logits.mean(1)),
-            (BEST_BACKBONE, features.logits[:, train_best], view_logits[:, train_best]),
+            (MEAN_OF_LOGITS, fold_logits.mean(1), view_logits.mean(1)),
+            (BEST_BACKBONE, fold_logits[:, train_best], view_logits[:, train_best]),
         ):
-            held_out[name][row[fold]] = logits[fold]
             scale = _fit_inverse_temperature(view[train], view_labels[train])
-            losses[name][row[fold]] = nn.functional.cross_entropy(scale * logits[fold], labels[fold], reduction="none")
+            answers[name].record(row[fold], logits, labels[fold], scale)
         static_paths.append(_static_path(gate, view_logits[train], view_labels[train], STATIC_PENALTIES))
         with torch.no_grad():
-            for p, bias in enumerate(static_paths[-1]):
-                static_out[p, row[fold]] = _static_logits(gate, bias, features.logits[fold])
-    static_correct = static_out.argmax(-1) == scored_labels
-    static_losses = torch.stack([nn.functional.cross_entropy(o, scored_labels, reduction="none") for o in static_out])
-    static_index = _pick(static_correct, static_losses)
-    held_out[STATIC_WEIGHTS], losses[STATIC_WEIGHTS] = static_out[static_index], static_losses[static_index]
-    out_of_fold = {name: OutOfFold.of(scored, logits) for name, logits in held_out.items()}
+            for penalty_answers, bias in zip(static_answers, static_paths[-1]):
+                penalty_answers.record(row[fold], _static_logits(gate, bias, fold_logits), labels[fold])
+    static_index = _pick(
+        torch.stack([a.predictions for a in static_answers]) == scored_labels,
+        torch.stack([a.losses for a in static_answers]),
+    )
+    answers[STATIC_WEIGHTS] = static_answers[static_index]
+    out_of_fold = {name: OutOfFold(scored, a.predictions, a.margins) for name, a in answers.items()}
+    losses = {name: a.losses for name, a in answers.items()}
 
     def static_bias_on_everything() -> torch.Tensor:  # kept as they are, or where the gate on all the examples starts
         return _static_path(gate, view_logits, view_labels, STATIC_PENALTIES[: static_index + 1])[-1]
