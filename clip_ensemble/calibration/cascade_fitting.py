@@ -16,7 +16,7 @@ import torch
 
 from ..models.cascade import Cascade, cost_order
 from ..models.gate import EnsembleGate, combine_logits
-from .fitting import Features, OutOfFold, cross_validation_folds, fit_calibrated_gate, training_view
+from .fitting import Features, OutOfFold, cross_validation_folds, fit_calibrated_gate
 
 SINGLE_BACKBONE = "single backbone"  # the first stage: the cheapest backbone's own logits, unweighted
 # Tolerances whose stopping margins are kept in the config, for accuracy-against-compute charts.
@@ -257,18 +257,16 @@ def fit_cascade(
     cascade = Cascade(embed_dims, order, [None] * (len(order) - 1), hidden_size, combination)
     stages, stage_choices = [], []
     logits = features.logits[:, order]  # (n, B, C) in run order: each prefix is a view of it
-    # The classes to fit static weights on (every class unless there are many): those that some backbone of the whole
-    # ensemble ranks high, chosen once; a prefix fits on its own backbones' logits for them.
-    view_logits, view_labels = training_view(logits, features.labels)
+    best_log_probs = logits[:, 0].log_softmax(-1)  # (n, C), over the backbones run so far
     for k, gate in enumerate(cascade.gates):
         if k == 0:  # one backbone: a gate could only rescale its logits, never change its answer
             stages.append(OutOfFold.of(full.index, logits[full.index, 0]))
             stage_choices.append(SINGLE_BACKBONE)
             continue
+        best_log_probs = torch.maximum(best_log_probs, logits[:, k].log_softmax(-1))
         # A static combination reads no embeddings: the gate inputs go along as they are, uncopied.
         prefix = Features(features.gate_inputs, logits[:, : k + 1], features.labels)
-        view = (view_logits[:, : k + 1], view_labels)
-        choice = fit_calibrated_gate(gate, prefix, seed=seed, per_image=False, view=view)
+        choice = fit_calibrated_gate(gate, prefix, seed=seed, per_image=False, best_log_probs=best_log_probs)
         if not torch.equal(choice.out_of_fold.index, full.index):
             raise ValueError("`full` must come from `fit_calibrated_gate` on the same features with the same seed.")
         stages.append(choice.out_of_fold)

@@ -200,12 +200,15 @@ def _lbfgs(parameters: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor]) 
         optimizer.step(closure)
 
 
-def training_view(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _training_view(
+    logits: torch.Tensor, labels: torch.Tensor, best_log_probs: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, B, C) logits and (n,) labels to train on: when large, each image's `TRAIN_CLASSES` classes with the best
-    probability under some backbone (its own label among them), as (n, B, K) logits and (n,) positions in them."""
+    probability under some backbone (its own label among them), as (n, B, K) logits and (n,) positions in them.
+    `best_log_probs` ((n, C), each class's best log-probability under any backbone) is computed when not given."""
     if logits.shape[-1] <= TRAIN_CLASSES:
         return logits, labels
-    best_probability = logits.log_softmax(-1).amax(1)  # (n, C)
+    best_probability = logits.log_softmax(-1).amax(1) if best_log_probs is None else best_log_probs.clone()  # (n, C)
     best_probability[torch.arange(len(labels)), labels] = math.inf  # the label is always kept
     kept = best_probability.topk(TRAIN_CLASSES, dim=-1).indices  # (n, K), the label first
     return logits.gather(2, kept[:, None].expand(-1, logits.shape[1], -1)), torch.zeros_like(labels)
@@ -446,7 +449,7 @@ def fit_calibrated_gate(
     num_folds: int = 5,
     per_image: bool = True,
     progress: FitProgress | None = None,
-    view: tuple[torch.Tensor, torch.Tensor] | None = None,
+    best_log_probs: torch.Tensor | None = None,
 ) -> GateChoice:
     """Fit `gate` in place on `features`, keeping a simpler combination when the gate does not help.
 
@@ -468,9 +471,8 @@ def fit_calibrated_gate(
     held-out quarter is scored instead of k folds, and a chosen gate is the one trained on the other three quarters.
     The chosen candidate's out-of-fold answers come back in `GateChoice.out_of_fold` (the cascade fits its stopping
     rule on them). `progress(fraction, description)` hears of each fold's static weights and of the gate's training
-    steps (the folds' gates train together). `view`, the (n, B, K) logits and (n,) label positions to fit static
-    weights and the gate on, is `training_view(features.logits, features.labels)` when not given (a cascade's prefixes
-    share the whole ensemble's: the first B of its backbones).
+    steps (the folds' gates train together). `best_log_probs`, (n, C) each class's best log-probability under any
+    backbone, spares recomputing it (a cascade's prefixes each add one backbone).
     """
     progress = progress or _no_progress
     features = Features(*features)
@@ -486,7 +488,7 @@ def fit_calibrated_gate(
     row = torch.full((n,), -1, dtype=torch.long, device=device)  # example -> its row among the scored ones
     row[scored] = torch.arange(len(scored), device=device)
     # The classes to fit static weights on, per image, once for all folds (every class unless there are many).
-    view_logits, view_labels = training_view(features.logits, labels) if view is None else view
+    view_logits, view_labels = _training_view(features.logits, labels, best_log_probs)
 
     # Out-of-fold answers of the scored examples per untrained candidate, and per penalty for static weights. The
     # untrained candidates' cross-entropy is taken at an inverse temperature fitted on the training part (it changes
@@ -601,5 +603,4 @@ __all__ = [
     "fit_calibrated_gate",
     "learning_rate",
     "set_best_backbone",
-    "training_view",
 ]
