@@ -8,10 +8,12 @@ from clip_ensemble.calibration.fitting import (
     GATE,
     MEAN_OF_LOGITS,
     STATIC_WEIGHTS,
+    TRAIN_CLASSES,
     Features,
     GateChoice,
     _fit_inverse_temperature,
     _train_gates,
+    _training_view,
     cross_validation_folds,
     fit_calibrated_gate,
 )
@@ -32,6 +34,30 @@ def _features(per_backbone_accuracy: list[float], num_classes: int = 6, shots: i
         logits.append(10 * torch.nn.functional.one_hot(predicted, num_classes).float())
         embeds.append(torch.nn.functional.normalize(torch.randn(len(labels), 8, generator=generator), dim=-1))
     return Features(torch.cat(embeds, -1), torch.stack(logits, 1), labels)
+
+
+def test_combined_logits_are_the_weighted_sum_per_image_for_static_weights_and_stacked_copies():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, 3, 5, generator=generator)  # (copies, n, B, C)
+    weights = torch.rand(2, 7, 3, generator=generator)
+    expected = (weights[..., None] * logits).sum(-2)
+    torch.testing.assert_close(combine_logits(logits, weights), expected)
+    torch.testing.assert_close(combine_logits(logits[0], weights[0]), expected[0])
+    torch.testing.assert_close(combine_logits(logits[0], weights[0, 0]), (weights[0, 0, :, None] * logits[0]).sum(-2))
+
+
+def test_training_view_keeps_the_label_first_and_every_backbones_likeliest_classes():
+    generator = torch.Generator().manual_seed(0)
+    n, num_backbones, num_classes = 40, 3, 4 * TRAIN_CLASSES
+    logits = 5 * torch.randn(n, num_backbones, num_classes, generator=generator)
+    labels = torch.randint(num_classes, (n,), generator=generator)
+    view_logits, view_labels = _training_view(logits, labels)
+    assert view_logits.shape == (n, num_backbones, TRAIN_CLASSES) and bool((view_labels == 0).all())
+    torch.testing.assert_close(view_logits[:, :, 0], logits[torch.arange(n), :, labels])
+    for b in range(num_backbones):  # each backbone's likeliest class is among the kept ones
+        assert torch.equal(view_logits[:, b].amax(-1), logits[:, b].amax(-1))
+    few = logits[..., :TRAIN_CLASSES], labels % TRAIN_CLASSES  # no more classes than the view holds: all of them
+    assert all(torch.equal(kept, given) for kept, given in zip(_training_view(*few), few))
 
 
 @pytest.mark.parametrize("shots", [1, 2, 3, 16])
