@@ -263,7 +263,7 @@ def fit_cascade(
             stages.append(OutOfFold.of(full.index, logits[full.index, 0]))
             stage_choices.append(SINGLE_BACKBONE)
             continue
-        best_log_probs = torch.maximum(best_log_probs, logits[:, k].log_softmax(-1))
+        torch.maximum(best_log_probs, logits[:, k].log_softmax(-1), out=best_log_probs)  # in place: (n, C) can be 64 MB
         # A static combination reads no embeddings: the gate inputs go along as they are, uncopied.
         prefix = Features(features.gate_inputs, logits[:, : k + 1], features.labels)
         choice = fit_calibrated_gate(gate, prefix, seed=seed, per_image=False, best_log_probs=best_log_probs)
