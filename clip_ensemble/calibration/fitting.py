@@ -312,10 +312,15 @@ def _train_gates(
     padding = torch.arange(rows.shape[1]) >= torch.tensor(sizes)[:, None]  # (F, n_max)
     width = min(rows.shape[1], BATCH_SIZE)
 
+    # The batches' gate inputs, (F, width, D), are gathered into one buffer: a new one per step (20 MB for six copies
+    # at paper widths) would cost more in fresh memory than the gather itself.
+    gate_inputs = features.gate_inputs.new_empty(len(trains), width, features.gate_inputs.shape[1])
+
     def batch(order: torch.Tensor) -> tuple[Features, torch.Tensor]:
         """The rows at positions `order` ((F, width)) of each copy's set, and which of them are padding."""
         picked = rows.gather(1, order)
-        return features.subset(picked), padding.gather(1, order)
+        torch.index_select(features.gate_inputs, 0, picked.flatten(), out=gate_inputs.view(-1, gate_inputs.shape[-1]))
+        return Features(gate_inputs, features.logits[picked], features.labels[picked]), padding.gather(1, order)
 
     every_row = torch.arange(width)  # a copy with at most `width` rows trains on all of them (and padding)
     fixed = None if any(size > width for size in sizes) else batch(every_row.expand(len(trains), -1))
