@@ -56,8 +56,10 @@ def cross_validation_folds(labels: torch.Tensor | list[int], num_folds: int = 5,
     rng = np.random.default_rng(seed)
     folds: list[list[int]] = [[] for _ in range(num_folds)]
     offset = 0
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c)).tolist()
+    counts = np.unique(labels, return_counts=True)[1]
+    by_class = np.split(np.argsort(labels, kind="stable"), np.cumsum(counts)[:-1])  # each class's indices, ascending
+    for members in by_class:
+        members = rng.permutation(members).tolist()
         for rank, index in enumerate(members):
             folds[(offset + rank) % num_folds].append(index)
         offset += len(members)  # the next class starts where this one stopped, keeping folds balanced
