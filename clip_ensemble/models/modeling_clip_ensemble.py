@@ -328,18 +328,18 @@ class CLIPEnsembleModel(PreTrainedModel):
             what = "pixel values" if image_embeds is None else "image_embeds"
             raise ValueError(f"Got {what} for {len(inputs)} backbones, the ensemble has {len(self.backbones)}.")
         batch, num_labels, num_backbones = len(inputs[0]), len(self.config.labels), len(self.backbones)
-        nan = float("nan")
-        embeds = [torch.full((batch, width), nan, device=device) for width in self.embed_dims]
-        per_backbone_logits = torch.full((batch, num_backbones, num_labels), nan, device=device)
-        logits = torch.empty(batch, num_labels, device=device)
-        gate_weights = torch.zeros(batch, num_backbones, device=device)
-        run = torch.zeros(batch, dtype=torch.long, device=device)
-        gflops = self.backbone_gflops
-        running = torch.arange(batch, device=device)  # images still in the cascade
-        order = self.cascade.order
         if image_embeds is not None:  # every embedding is given: every backbone's logits too
             embeds = [e.to(device, torch.float32) for e in image_embeds]
             per_backbone_logits = self.zero_shot_logits(embeds)
+        else:  # NaN where a backbone does not run
+            embeds = [torch.full((batch, width), float("nan"), device=device) for width in self.embed_dims]
+            per_backbone_logits = torch.full((batch, num_backbones, num_labels), float("nan"), device=device)
+        logits = torch.empty(batch, num_labels, device=device)
+        gate_weights = torch.zeros(batch, num_backbones, device=device)
+        run = torch.full((batch,), num_backbones, device=device)  # backbones run: all, unless an image stops
+        gflops = self.backbone_gflops
+        running = torch.arange(batch, device=device)  # images still in the cascade
+        order = self.cascade.order
         for k, b in enumerate(order):
             if image_embeds is None:
                 pixels = pixel_values[b]  # only the images still running go through the backbone, as one batch
@@ -349,22 +349,22 @@ class CLIPEnsembleModel(PreTrainedModel):
                 embeds[b][running] = new.to(device, torch.float32)
                 head = self.zero_shot_heads[b].to(device)
                 per_backbone_logits[running, b] = self.logit_scales[b] * embeds[b][running] @ head.T
-            run[running] = k + 1
             if k == len(order) - 1:  # the last backbone: the model's own gate over all of them
-                weights = self.gate(torch.cat([embeds[p][running] for p in range(num_backbones)], dim=-1))
+                weights = self.gate(torch.cat(embeds, dim=-1)[running])
                 logits[running] = combine_logits(per_backbone_logits[running], weights)
                 gate_weights[running] = weights
                 break
             if self.cascade.stop_margins[k] is None:  # no image stops here: nothing to combine yet
                 continue
             prefix = order[: k + 1]
+            prefix_index = torch.tensor(prefix, device=device)
             # A static stage reads no embeddings; (running, k + 1, num_labels) logits of the backbones run so far.
             prefix_embeds = None if self.cascade.is_static(k) else [embeds[p][running] for p in prefix]
-            prefix_logits = per_backbone_logits[running[:, None], torch.tensor(prefix, device=device)]
+            prefix_logits = per_backbone_logits[running].index_select(1, prefix_index)
             combined, weights, stop = self.cascade.stage(k, prefix_embeds, prefix_logits)
             done = running[stop]
-            logits[done] = combined[stop]
-            gate_weights[done.unsqueeze(1), torch.tensor(prefix, device=device)] = weights[stop]
+            logits[done], run[done] = combined[stop], k + 1
+            gate_weights[done.unsqueeze(1), prefix_index] = weights[stop]
             running = running[~stop]
             if len(running) == 0:
                 break
