@@ -59,9 +59,10 @@ def describe_choice(
     )
     return (
         f"Kept {_WHAT[chosen].format(best=best_backbone) if chosen in _WHAT else chosen}.{evidence} A richer "
-        "combination is kept only "
-        "when it is right more often by more than one standard error, or as often and more confidently (a lower "
-        "held-out cross-entropy)."
+        "combination is kept only when right more often out of fold: the best backbone and the gate by more than one "
+        "standard error (the gate also when as often and clearly more confidently); static weights, whose penalty "
+        "cross-validation chose, when right more often, or as often and more confidently (a lower held-out "
+        "cross-entropy)."
     )
 
 

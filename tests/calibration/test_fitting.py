@@ -18,7 +18,7 @@ from clip_ensemble.calibration.fitting import (
     fit_calibrated_gate,
 )
 from clip_ensemble.models.gate import EnsembleGate, combine_logits
-from clip_ensemble.tasks.synthetic import dominant_backbone_task, hard_images_task
+from clip_ensemble.tasks.synthetic import dominant_backbone_task, hard_images_task, leading_backbone_task
 
 
 def _features(per_backbone_accuracy: list[float], num_classes: int = 6, shots: int = 4, seed: int = 0) -> Features:
@@ -256,6 +256,19 @@ def test_where_averaging_wins_calibration_keeps_up_with_it(shots):
     calibrated, averaging, best, choice = _calibrated_and_references(hard_images_task(num_classes=20, seed=0), shots)
     assert averaging > best
     assert calibrated >= averaging - 0.005, choice
+
+
+@pytest.mark.parametrize("shots", [4, 8])
+def test_where_one_backbone_leads_by_a_little_calibration_keeps_up_with_it(shots):
+    # One backbone a point above averaging, errors shared by all: static weights in hindsight gain only half a point
+    # over it. Static weights are kept on the out-of-fold evidence their penalty was chosen on, with no second hurdle;
+    # with one, averaging stayed on 2 of these 3 draws at 4 shots (88.8% against 89.4% for the leader).
+    task = leading_backbone_task(num_classes=20, test_per_class=100)
+    runs = [_calibrated_and_references(task, shots, seed) for seed in range(3)]
+    calibrated = sum(r[0] for r in runs) / 3
+    averaging, best = runs[0][1], sum(r[2] for r in runs) / 3
+    assert best > averaging + 0.005
+    assert calibrated >= best - 0.003, [r[3] for r in runs]
 
 
 @pytest.mark.parametrize("shots", [1, 4])
