@@ -258,6 +258,7 @@ def fit_cascade(
     stages, stage_choices = [], []
     logits = features.logits[:, order]  # (n, B, C) in run order: each prefix is a view of it
     best_log_probs = logits[:, 0].log_softmax(-1)  # (n, C), over the backbones run so far
+    single_correct = logits.argmax(-1) == features.labels[:, None]  # (n, B): each prefix's are its first columns
     for k, gate in enumerate(cascade.gates):
         if k == 0:  # one backbone: a gate could only rescale its logits, never change its answer
             stages.append(OutOfFold.of(full.index, logits[full.index, 0]))
@@ -266,7 +267,14 @@ def fit_cascade(
         torch.maximum(best_log_probs, logits[:, k].log_softmax(-1), out=best_log_probs)  # in place: (n, C) can be 64 MB
         # A static combination reads no embeddings: the gate inputs go along as they are, uncopied.
         prefix = Features(features.gate_inputs, logits[:, : k + 1], features.labels)
-        choice = fit_calibrated_gate(gate, prefix, seed=seed, per_image=False, best_log_probs=best_log_probs)
+        choice = fit_calibrated_gate(
+            gate,
+            prefix,
+            seed=seed,
+            per_image=False,
+            best_log_probs=best_log_probs,
+            single_correct=single_correct[:, : k + 1],
+        )
         if not torch.equal(choice.out_of_fold.index, full.index):
             raise ValueError("`full` must come from `fit_calibrated_gate` on the same features with the same seed.")
         stages.append(choice.out_of_fold)

@@ -138,7 +138,8 @@ class _ScoredAnswers(NamedTuple):
     def record(self, rows: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, scale: float = 1.0) -> None:
         """Fill `rows` from (m_f, C) combined logits; the cross-entropy at inverse temperature `scale`."""
         self.predictions[rows], self.margins[rows] = logits.argmax(-1), margins(logits)
-        self.losses[rows] = nn.functional.cross_entropy(scale * logits, labels, reduction="none")
+        scaled = logits if scale == 1.0 else scale * logits  # the fitted candidates' own scale: no (m_f, C) copy
+        self.losses[rows] = nn.functional.cross_entropy(scaled, labels, reduction="none")
 
 
 @dataclass
@@ -208,12 +209,16 @@ def _training_view(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, B, C) logits and (n,) labels to train on: when large, each image's `TRAIN_CLASSES` classes with the best
     probability under some backbone (its own label among them), as (n, B, K) logits and (n,) positions in them.
-    `best_log_probs` ((n, C), each class's best log-probability under any backbone) is computed when not given."""
+    `best_log_probs` ((n, C), each class's best log-probability under any backbone) is computed when not given; when
+    given, its labels' entries are raised for the ranking and put back (no (n, C) copy: 64 MB at paper scale)."""
     if logits.shape[-1] <= TRAIN_CLASSES:
         return logits, labels
-    best_probability = logits.log_softmax(-1).amax(1) if best_log_probs is None else best_log_probs.clone()  # (n, C)
-    best_probability[torch.arange(len(labels)), labels] = math.inf  # the label is always kept
+    best_probability = logits.log_softmax(-1).amax(1) if best_log_probs is None else best_log_probs  # (n, C)
+    rows = torch.arange(len(labels))
+    label_values = best_probability[rows, labels]
+    best_probability[rows, labels] = math.inf  # the label is always kept
     kept = best_probability.topk(TRAIN_CLASSES, dim=-1).indices  # (n, K), the label first
+    best_probability[rows, labels] = label_values
     return logits.gather(2, kept[:, None].expand(-1, logits.shape[1], -1)), torch.zeros_like(labels)
 
 
@@ -464,6 +469,7 @@ def fit_calibrated_gate(
     per_image: bool = True,
     progress: FitProgress | None = None,
     best_log_probs: torch.Tensor | None = None,
+    single_correct: torch.Tensor | None = None,
 ) -> GateChoice:
     """Fit `gate` in place on `features`, keeping a simpler combination when the gate does not help.
 
@@ -487,7 +493,8 @@ def fit_calibrated_gate(
     The chosen candidate's out-of-fold answers come back in `GateChoice.out_of_fold` (the cascade fits its stopping
     rule on them). `progress(fraction, description)` hears of each fold's static weights and of the gate's training
     steps (the folds' gates train together). `best_log_probs`, (n, C) each class's best log-probability under any
-    backbone, spares recomputing it (a cascade's prefixes each add one backbone).
+    backbone, and `single_correct`, (n, B) whether each backbone alone is right, spare recomputing them (a cascade's
+    prefixes each add one backbone).
     """
     progress = progress or _no_progress
     features = Features(*features)
@@ -497,7 +504,8 @@ def fit_calibrated_gate(
     folds = cross_validation_folds(labels, 4 if single_split else num_folds, seed)[: 1 if single_split else None]
     scored = torch.tensor(sorted(i for fold in folds for i in fold), device=device)
     trains = [sorted(set(range(n)) - set(fold)) for fold in folds]
-    single_correct = features.logits.argmax(-1) == labels[:, None]  # (n, B)
+    if single_correct is None:
+        single_correct = features.logits.argmax(-1) == labels[:, None]  # (n, B)
     best = int(single_correct.float().mean(0).argmax())
     scored_labels = labels[scored]
     row = torch.full((n,), -1, dtype=torch.long, device=device)  # example -> its row among the scored ones
