@@ -63,12 +63,14 @@ class Cascade(nn.Module):
         """Whether stage `k`'s weights are the same for every image (its gate's output layer reads nothing)."""
         return not bool(self.gates[k].fc2.weight.any())
 
-    def stage(self, k: int, image_embeds: list[torch.Tensor] | None, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def stage(
+        self, k: int, image_embeds: list[torch.Tensor] | None, logits: torch.Tensor, static: bool | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """Stage `k`'s combination: embeddings of `order[:k + 1]` in run order, their logits (n, k + 1, C) ->
         (combined logits (n, C), weights (n, k + 1), whether each image stops here (n,)). A static stage needs no
-        embeddings (`None`): its hidden layer is not run."""
+        embeddings (`None`): its hidden layer is not run. `static`: `is_static(k)`, when the caller knows it."""
         gate = self.gates[k]
-        if self.is_static(k):
+        if self.is_static(k) if static is None else static:
             weights = gate.activate(gate.fc2.bias).expand(len(logits), -1)
         else:
             weights = gate(torch.cat(image_embeds, dim=-1))

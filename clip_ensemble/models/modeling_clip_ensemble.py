@@ -337,38 +337,43 @@ class CLIPEnsembleModel(PreTrainedModel):
         logits = torch.empty(batch, num_labels, device=device)
         gate_weights = torch.zeros(batch, num_backbones, device=device)
         run = torch.full((batch,), num_backbones, device=device)  # backbones run: all, unless an image stops
-        gflops = self.backbone_gflops
-        running = torch.arange(batch, device=device)  # images still in the cascade
+        running = None  # the images still in the cascade; None while none has stopped (no indexing needed)
         order = self.cascade.order
         for k, b in enumerate(order):
             if image_embeds is None:
                 pixels = pixel_values[b]  # only the images still running go through the backbone, as one batch
-                new = self.backbones[b].encode_images(
-                    pixels if len(running) == batch else pixels[running.to(pixels.device)]
-                )
-                embeds[b][running] = new.to(device, torch.float32)
-                head = self.zero_shot_heads[b].to(device)
-                per_backbone_logits[running, b] = self.logit_scales[b] * embeds[b][running] @ head.T
+                new = self.backbones[b].encode_images(pixels if running is None else pixels[running.to(pixels.device)])
+                new = new.to(device, torch.float32)
+                new_logits = self.logit_scales[b] * new @ self.zero_shot_heads[b].to(device).T
+                if running is None:
+                    embeds[b], per_backbone_logits[:, b] = new, new_logits
+                else:
+                    embeds[b][running], per_backbone_logits[running, b] = new, new_logits
             if k == len(order) - 1:  # the last backbone: the model's own gate over all of them
-                weights = self.gate(torch.cat(embeds, dim=-1)[running])
-                logits[running] = combine_logits(per_backbone_logits[running], weights)
-                gate_weights[running] = weights
+                gate_inputs = torch.cat(embeds, dim=-1)
+                rows = slice(None) if running is None else running
+                weights = self.gate(gate_inputs if running is None else gate_inputs[running])
+                logits[rows] = combine_logits(per_backbone_logits[rows], weights)
+                gate_weights[rows] = weights
                 break
             if self.cascade.stop_margins[k] is None:  # no image stops here: nothing to combine yet
                 continue
             prefix = order[: k + 1]
             prefix_index = torch.tensor(prefix, device=device)
             # A static stage reads no embeddings; (running, k + 1, num_labels) logits of the backbones run so far.
-            prefix_embeds = None if self.cascade.is_static(k) else [embeds[p][running] for p in prefix]
-            prefix_logits = per_backbone_logits[running].index_select(1, prefix_index)
-            combined, weights, stop = self.cascade.stage(k, prefix_embeds, prefix_logits)
-            done = running[stop]
-            logits[done], run[done] = combined[stop], k + 1
-            gate_weights[done.unsqueeze(1), prefix_index] = weights[stop]
-            running = running[~stop]
+            static = self.cascade.is_static(k)
+            prefix_embeds = None if static else [embeds[p] if running is None else embeds[p][running] for p in prefix]
+            running_logits = per_backbone_logits if running is None else per_backbone_logits[running]
+            prefix_logits = running_logits.index_select(1, prefix_index)
+            combined, weights, stop = self.cascade.stage(k, prefix_embeds, prefix_logits, static=static)
+            stopped, going_on = stop.nonzero().squeeze(1), (~stop).nonzero().squeeze(1)  # positions among running
+            done = stopped if running is None else running[stopped]
+            logits[done], run[done] = combined[stopped], k + 1
+            gate_weights[done.unsqueeze(1), prefix_index] = weights[stopped]
+            running = going_on if running is None else running[going_on]
             if len(running) == 0:
                 break
-        costs = torch.tensor([0.0] + [gflops[b] for b in order], device=device).cumsum(0)  # after k backbones
+        costs = torch.tensor([0.0] + [self.backbone_gflops[b] for b in order], device=device).cumsum(0)  # after k run
         return CLIPEnsembleOutput(
             logits=logits,
             gate_weights=gate_weights,
