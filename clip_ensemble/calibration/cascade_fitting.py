@@ -256,7 +256,9 @@ def fit_cascade(
     names = names or [f"backbone {b}" for b in range(len(gflops))]
     cascade = Cascade(embed_dims, order, [None] * (len(order) - 1), hidden_size, combination)
     stages, stage_choices = [], []
-    logits = features.logits[:, order]  # (n, B, C) in run order: each prefix is a view of it
+    # (n, B, C) in run order, each prefix a view of it, laid out backbone by backbone ((B, n, C) in memory) so that
+    # each backbone's (n, C) logits are contiguous for its log-softmax.
+    logits = features.logits.permute(1, 0, 2)[order].permute(1, 0, 2)
     best_log_probs = logits[:, 0].log_softmax(-1)  # (n, C), over the backbones run so far
     single_correct = logits.argmax(-1) == features.labels[:, None]  # (n, B): each prefix's are its first columns
     for k, gate in enumerate(cascade.gates):
