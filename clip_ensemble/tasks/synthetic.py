@@ -99,6 +99,29 @@ def synthetic_task(
     )
 
 
+def _pool_and_test_task(
+    name: str,
+    backbone_names: list[str],
+    num_classes: int,
+    embeds: tuple[list[torch.Tensor], list[torch.Tensor]],
+    splits: list[torch.Tensor],
+    heads: list[torch.Tensor],
+) -> FeatureTask:
+    """A synthetic `FeatureTask` from its (pool, test) embeddings per backbone, (pool, test) labels and heads, every
+    backbone at logit scale 100 as CLIP's."""
+    return FeatureTask(
+        name=name,
+        backbone_names=backbone_names,
+        label_names=[f"class {c}" for c in range(num_classes)],
+        pool_embeds=embeds[0],
+        pool_labels=splits[0],
+        test_embeds=embeds[1],
+        test_labels=splits[1],
+        heads=heads,
+        logit_scales=[100.0] * len(heads),
+    )
+
+
 def _prototype_task(
     name: str,
     backbone_names: list[str],
@@ -134,17 +157,7 @@ def _prototype_task(
             noise = scatter * torch.randn(len(labels), width, generator=generator) / width**0.5
             split.append(nn.functional.normalize(images + noise, dim=-1))
         heads.append(prototypes)
-    return FeatureTask(
-        name=name,
-        backbone_names=backbone_names,
-        label_names=[f"class {c}" for c in range(num_classes)],
-        pool_embeds=embeds[0],
-        pool_labels=splits[0],
-        test_embeds=embeds[1],
-        test_labels=splits[1],
-        heads=heads,
-        logit_scales=[100.0] * len(widths),
-    )
+    return _pool_and_test_task(name, backbone_names, num_classes, embeds, splits, heads)
 
 
 def noise_task(num_classes: int = 30, pool_shots: int = 16, test_per_class: int = 10, seed: int = 0) -> FeatureTask:
@@ -206,17 +219,8 @@ def dominant_backbone_task(
             noise = scatter[:, None] * torch.randn(len(labels), width, generator=generator) / width**0.5
             split.append(nn.functional.normalize(images + noise, dim=-1))
         heads.append(prototypes)
-    return FeatureTask(
-        name=f"dominant-{num_classes} (seed {seed})",
-        backbone_names=["strong CLIP", *(f"specialist {d}" for d in range(num_domains))],
-        label_names=[f"class {c}" for c in range(num_classes)],
-        pool_embeds=embeds[0],
-        pool_labels=splits[0],
-        test_embeds=embeds[1],
-        test_labels=splits[1],
-        heads=heads,
-        logit_scales=[100.0] * len(widths),
-    )
+    names = ["strong CLIP", *(f"specialist {d}" for d in range(num_domains))]
+    return _pool_and_test_task(f"dominant-{num_classes} (seed {seed})", names, num_classes, embeds, splits, heads)
 
 
 def leading_backbone_task(
@@ -244,17 +248,8 @@ def leading_backbone_task(
             own = noise * torch.randn(point.shape, generator=generator) / latent**0.5
             split.append(nn.functional.normalize((point + own) @ projection.T, dim=-1))
         heads.append(nn.functional.normalize(prototypes @ projection.T, dim=-1))
-    return FeatureTask(
-        name=f"leading-{num_classes} (seed {seed})",
-        backbone_names=["leading CLIP", *(f"weaker CLIP {b}" for b in range(len(widths) - 1))],
-        label_names=[f"class {c}" for c in range(num_classes)],
-        pool_embeds=embeds[0],
-        pool_labels=splits[0],
-        test_embeds=embeds[1],
-        test_labels=splits[1],
-        heads=heads,
-        logit_scales=[100.0] * len(widths),
-    )
+    names = ["leading CLIP", *(f"weaker CLIP {b}" for b in range(len(widths) - 1))]
+    return _pool_and_test_task(f"leading-{num_classes} (seed {seed})", names, num_classes, embeds, splits, heads)
 
 
 def feature_task(
