@@ -438,8 +438,9 @@ def _beats(
 
     - Static weights: right more often, or as often with a lower cross-entropy. Cross-validation has already chosen
       their penalty on these examples against an infinite one (the mean of logits itself), and a handful of weights
-      has little room to fit noise; asking for more evidence as well kept the mean of logits on a task where one
-      backbone leads by under two points, at 4 shots 89.8% against 90.4% with this rule (`benchmarks/`).
+      has little room to fit noise; asking for more evidence as well kept the mean of logits where one backbone
+      leads by under two points (the few-shot benchmark's leading-20 at 4 shots: 89.8% with that hurdle, 90.4%
+      without).
     - The best backbone and the gate: right more often by more than `MIN_WIN_Z` standard errors of the count of
       images they disagree on (a McNemar z): one image more out of twenty is not evidence. The best backbone, one
       discrete pick that drops the other backbones, is judged by its answers alone: its cross-entropy, from the few
@@ -488,8 +489,8 @@ def fit_calibrated_gate(
     McNemar z above `MIN_WIN_Z`), the gate also when its cross-entropy is lower by more than one standard error and
     it is right at least as often; static weights, whose penalty cross-validation has already weighed against the
     mean of logits, when right more often, or as often with a lower cross-entropy. The chosen candidate is refitted
-    on all the examples. From `SINGLE_SPLIT_FROM` examples on, one
-    held-out quarter is scored instead of k folds, and a chosen gate is the one trained on the other three quarters.
+    on all the examples. From `SINGLE_SPLIT_FROM` examples on, one held-out quarter is scored instead of k folds, and
+    a chosen gate is the one trained on the other three quarters.
     The chosen candidate's out-of-fold answers come back in `GateChoice.out_of_fold` (the cascade fits its stopping
     rule on them). `progress(fraction, description)` hears of each fold's static weights and of the gate's training
     steps (the folds' gates train together). `best_log_probs`, (n, C) each class's best log-probability under any

@@ -373,7 +373,8 @@ class CLIPEnsembleModel(PreTrainedModel):
             running = going_on if running is None else running[going_on]
             if len(running) == 0:
                 break
-        costs = torch.tensor([0.0] + [self.backbone_gflops[b] for b in order], device=device).cumsum(0)  # after k run
+        gflops = [0.0] + [self.backbone_gflops[b] for b in order]
+        costs = torch.tensor(gflops, device=device).cumsum(0)  # (B + 1,) after running k backbones
         return CLIPEnsembleOutput(
             logits=logits,
             gate_weights=gate_weights,
