@@ -6,7 +6,8 @@ benchmark's tasks this script fits the same gate three ways and scores each on t
 - the gate alone, trained on the whole pool by full-batch AdamW at calibration's learning rate for 100 and 1,000
   steps from equal weights (no cross-validation, no early stopping);
 - the same on the test images themselves (hindsight): the number quoted as headroom.
-Beside them: the best backbone on the test images, the mean of logits and the oracle (some backbone right).
+Beside them: the best backbone on the test images, the mean of logits, static weights fitted on the test images
+themselves (the project's stacking baseline, its penalty cross-validated there) and the oracle (some backbone right).
 
     python benchmarks/gate_headroom.py --save
 """
@@ -23,6 +24,7 @@ from few_shot_accuracy import TASKS, load_tasks
 from tables import save_result
 from torch import nn
 
+from clip_ensemble.calibration.baselines import fit_stacking
 from clip_ensemble.calibration.fitting import Features, fit_calibrated_gate, learning_rate
 from clip_ensemble.models.gate import EnsembleGate, combine_logits
 
@@ -63,9 +65,9 @@ def main() -> None:
         + " | ".join(f"gate on the pool, {s} steps" for s in STEPS)
         + " | "
         + " | ".join(f"gate on the test images, {s} steps" for s in STEPS)
-        + " | oracle |"
+        + " | static weights on the test images | oracle |"
     )
-    rows = [header, "|---|---:|" + "---:|" * (4 + 2 * len(STEPS))]
+    rows = [header, "|---|---:|" + "---:|" * (5 + 2 * len(STEPS))]
     with tempfile.TemporaryDirectory() as scratch:
         for task in load_tasks(args.tasks, Path(args.workdir or scratch), args.synthetic_classes):
             pool = Features(torch.cat(task.pool_embeds, -1), task.logits(task.pool_embeds), task.pool_labels)
@@ -77,6 +79,7 @@ def main() -> None:
             lr = learning_rate(pool.gate_inputs)
             on_pool = [top1(trained_gate(dims, pool, s, lr), test) for s in STEPS]
             on_test = [top1(trained_gate(dims, test, s, lr), test) for s in STEPS]
+            static_on_test = fit_stacking(test, seed=0).scores(test).argmax(-1) == test.labels
             cells = [
                 f"{len(pool.labels)} / {len(test.labels)}",
                 f"{100 * float(correct.float().mean(0).max()):.1f}",
@@ -84,6 +87,7 @@ def main() -> None:
                 f"{top1(calibrated, test):.1f} ({choice.chosen})",
                 *(f"{a:.1f}" for a in on_pool),
                 *(f"{a:.1f}" for a in on_test),
+                f"{100 * float(static_on_test.float().mean()):.1f}",
                 f"{100 * float(correct.any(1).float().mean()):.1f}",
             ]
             rows.append(f"| {task.name} | " + " | ".join(cells) + " |")

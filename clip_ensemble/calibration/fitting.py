@@ -439,8 +439,8 @@ def _beats(
     - Static weights: right more often, or as often with a lower cross-entropy. Cross-validation has already chosen
       their penalty on these examples against an infinite one (the mean of logits itself), and a handful of weights
       has little room to fit noise; asking for more evidence as well kept the mean of logits where one backbone
-      leads by under two points (the few-shot benchmark's leading-20 at 4 shots: 89.8% with that hurdle, 90.4%
-      without).
+      leads by under two points (the few-shot benchmark's leading-20 at 4 shots: 90.4% without that hurdle; 89.8%
+      with it, in a one-off run on the same draws).
     - The best backbone and the gate: right more often by more than `MIN_WIN_Z` standard errors of the count of
       images they disagree on (a McNemar z): one image more out of twenty is not evidence. The best backbone, one
       discrete pick that drops the other backbones, is judged by its answers alone: its cross-entropy, from the few

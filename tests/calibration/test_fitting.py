@@ -58,6 +58,12 @@ def test_training_view_keeps_the_label_first_and_every_backbones_likeliest_class
         assert torch.equal(view_logits[:, b].amax(-1), logits[:, b].amax(-1))
     few = logits[..., :TRAIN_CLASSES], labels % TRAIN_CLASSES  # no more classes than the view holds: all of them
     assert all(torch.equal(kept, given) for kept, given in zip(_training_view(*few), few))
+    # Given the best log-probabilities (as a cascade's prefixes pass them), the same view, and the table as it was.
+    best_log_probs = logits.log_softmax(-1).amax(1)
+    before = best_log_probs.clone()
+    given = _training_view(logits, labels, best_log_probs)
+    assert torch.equal(given[0], view_logits) and torch.equal(given[1], view_labels)
+    assert torch.equal(best_log_probs, before)
 
 
 @pytest.mark.parametrize("shots", [1, 2, 3, 16])
