@@ -16,7 +16,15 @@ import torch
 
 from ..models.cascade import Cascade, cost_order
 from ..models.gate import EnsembleGate, combine_logits
-from .fitting import Features, OutOfFold, cross_validation_folds, fit_calibrated_gate
+from .fitting import (
+    TRAIN_CLASSES,
+    CalibrationData,
+    Features,
+    OutOfFold,
+    calibration_folds,
+    cross_validation_folds,
+    fit_calibrated_gate,
+)
 
 SINGLE_BACKBONE = "single backbone"  # the first stage: the cheapest backbone's own logits, unweighted
 # Tolerances whose stopping margins are kept in the config, for accuracy-against-compute charts.
@@ -199,6 +207,32 @@ def _stops(point: dict) -> bool:
     return any(margin is not None for margin in point["stop_margins"])
 
 
+def _stage_training_views(
+    logits: torch.Tensor, labels: torch.Tensor, order: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`training_view` of the first 2, 3, ..., B - 1 backbones of `order` (the cascade's stages that combine), from
+    (n, B, C) `logits`: per stage, (n, k, K) logits and (n,) label positions. Each image's log-probabilities are taken
+    once for all the stages, 512 images at a time, and their running maximum over the backbones in run order gives
+    every prefix's best log-probability per class."""
+    n, num_backbones, num_classes = logits.shape
+    if num_classes <= TRAIN_CLASSES:
+        ordered = logits[:, order]
+        return [(ordered[:, :k], labels) for k in range(2, num_backbones)]
+    kept = torch.empty(num_backbones - 2, n, TRAIN_CLASSES, dtype=torch.long, device=logits.device)
+    for start in range(0, n, 512):
+        rows = slice(start, start + 512)
+        best = logits[rows][:, order].log_softmax(-1)  # (r, B, C), made the best over each prefix in place
+        for b in range(1, num_backbones):
+            torch.maximum(best[:, b], best[:, b - 1], out=best[:, b])
+        best[torch.arange(len(best)), :, labels[rows]] = math.inf  # the label is always kept, first
+        kept[:, rows] = best[:, 1:-1].topk(TRAIN_CLASSES, dim=-1).indices.transpose(0, 1)
+    views = []
+    for k in range(2, num_backbones):  # the first k backbones, over their (n, K) classes
+        view = torch.stack([logits[:, b].gather(1, kept[k - 2]) for b in order[:k]], 1)
+        views.append((view, torch.zeros_like(labels)))
+    return views
+
+
 @torch.no_grad()
 def run_on_features(
     cascade: Cascade, gate: EnsembleGate, features: Features, embed_dims: list[int]
@@ -256,27 +290,21 @@ def fit_cascade(
     names = names or [f"backbone {b}" for b in range(len(gflops))]
     cascade = Cascade(embed_dims, order, [None] * (len(order) - 1), hidden_size, combination)
     stages, stage_choices = [], []
-    # (n, B, C) in run order, each prefix a view of it, laid out backbone by backbone ((B, n, C) in memory) so that
-    # each backbone's (n, C) logits are contiguous for its log-softmax.
-    logits = features.logits.permute(1, 0, 2)[order].permute(1, 0, 2)
-    best_log_probs = logits[:, 0].log_softmax(-1)  # (n, C), over the backbones run so far
-    single_correct = logits.argmax(-1) == features.labels[:, None]  # (n, B): each prefix's are its first columns
+    # What calibration reads from the (n, B, C) logits (576 MB at paper scale), read once for all the prefixes, in run
+    # order: each prefix's held-out logits and right answers are slices of these.
+    labels, folds = features.labels, calibration_folds(features.labels, seed)
+    run_order = torch.tensor(order, device=labels.device)
+    held_out = [features.logits[torch.tensor(fold, device=labels.device)[:, None], run_order] for fold in folds]
+    single_correct = (features.logits.argmax(-1) == labels[:, None])[:, run_order]  # (n, B)
+    views = _stage_training_views(features.logits, labels, order)
     for k, gate in enumerate(cascade.gates):
         if k == 0:  # one backbone: a gate could only rescale its logits, never change its answer
-            stages.append(OutOfFold.of(full.index, logits[full.index, 0]))
+            stages.append(OutOfFold.of(full.index, features.logits[full.index, order[0]]))
             stage_choices.append(SINGLE_BACKBONE)
             continue
-        torch.maximum(best_log_probs, logits[:, k].log_softmax(-1), out=best_log_probs)  # in place: (n, C) can be 64 MB
-        # A static combination reads no embeddings: the gate inputs go along as they are, uncopied.
-        prefix = Features(features.gate_inputs, logits[:, : k + 1], features.labels)
-        choice = fit_calibrated_gate(
-            gate,
-            prefix,
-            seed=seed,
-            per_image=False,
-            best_log_probs=best_log_probs,
-            single_correct=single_correct[:, : k + 1],
-        )
+        prefix = [logits[:, : k + 1] for logits in held_out]
+        data = CalibrationData(labels, folds, prefix, *views[k - 1], single_correct[:, : k + 1])
+        choice = fit_calibrated_gate(gate, features, seed=seed, per_image=False, data=data)
         if not torch.equal(choice.out_of_fold.index, full.index):
             raise ValueError("`full` must come from `fit_calibrated_gate` on the same features with the same seed.")
         stages.append(choice.out_of_fold)

@@ -207,22 +207,49 @@ def _lbfgs(parameters: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor]) 
         optimizer.step(closure)
 
 
-def _training_view(
-    logits: torch.Tensor, labels: torch.Tensor, best_log_probs: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, B, C) logits and (n,) labels to train on: when large, each image's `TRAIN_CLASSES` classes with the best
-    probability under some backbone (its own label among them), as (n, B, K) logits and (n,) positions in them.
-    `best_log_probs` ((n, C), each class's best log-probability under any backbone) is computed when not given; when
-    given, its labels' entries are raised for the ranking and put back (no (n, C) copy: 64 MB at paper scale)."""
+def training_view(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (n, B, C) logits and (n,) labels to train on: with more than `TRAIN_CLASSES` classes, each image's
+    `TRAIN_CLASSES` classes with the best probability under some backbone, its own label first, as (n, B, K) logits
+    and (n,) zeros (the label's position); else the logits and labels as they are."""
     if logits.shape[-1] <= TRAIN_CLASSES:
         return logits, labels
-    best_probability = logits.log_softmax(-1).amax(1) if best_log_probs is None else best_log_probs  # (n, C)
-    rows = torch.arange(len(labels))
-    label_values = best_probability[rows, labels]
-    best_probability[rows, labels] = math.inf  # the label is always kept
-    kept = best_probability.topk(TRAIN_CLASSES, dim=-1).indices  # (n, K), the label first
-    best_probability[rows, labels] = label_values
+    # (n, C) each class's best log-probability under any backbone, 512 images at a time: a (n, B, C) log-softmax would
+    # be 576 MB at paper scale, and a backbone at a time (strided rows) took four times as long.
+    best_log_probs = logits.new_empty(logits.shape[0], logits.shape[2])
+    for start in range(0, len(labels), 512):
+        rows = slice(start, start + 512)
+        torch.amax(logits[rows].log_softmax(-1), 1, out=best_log_probs[rows])
+    best_log_probs[torch.arange(len(labels)), labels] = math.inf  # the label is always kept, first
+    kept = best_log_probs.topk(TRAIN_CLASSES, dim=-1).indices  # (n, K)
     return logits.gather(2, kept[:, None].expand(-1, logits.shape[1], -1)), torch.zeros_like(labels)
+
+
+def calibration_folds(labels: torch.Tensor, seed: int = 0, num_folds: int = 5) -> list[list[int]]:
+    """The folds whose held-out parts calibration scores: `num_folds` stratified folds, or from `SINGLE_SPLIT_FROM`
+    examples on one held-out quarter."""
+    if len(labels) >= SINGLE_SPLIT_FROM:
+        return cross_validation_folds(labels, 4, seed)[:1]
+    return cross_validation_folds(labels, num_folds, seed)
+
+
+class CalibrationData(NamedTuple):
+    """What calibration reads from (n, B, C) calibration logits, read once (a cascade's stages are given theirs, each
+    built from one pass over the logits for all of them)."""
+
+    labels: torch.Tensor  # (n,) class indices
+    folds: list[list[int]]  # the examples of each scored fold (`calibration_folds`)
+    held_out_logits: list[torch.Tensor]  # per fold, (m_f, B, C): its examples' logits over every class, to score
+    view_logits: torch.Tensor  # (n, B, K): every example's logits over the classes to train on (`training_view`)
+    view_labels: torch.Tensor  # (n,): the label's position among them
+    single_correct: torch.Tensor  # (n, B): whether each backbone alone is right
+
+    @classmethod
+    def of(cls, features: Features, seed: int = 0, num_folds: int = 5) -> CalibrationData:
+        logits, labels = features.logits, features.labels
+        folds = calibration_folds(labels, seed, num_folds)
+        view_logits, view_labels = training_view(logits, labels)
+        held_out = [logits[fold] for fold in folds]
+        return cls(labels, folds, held_out, view_logits, view_labels, logits.argmax(-1) == labels[:, None])
 
 
 def _static_path(gate: EnsembleGate, logits: torch.Tensor, labels: torch.Tensor, penalties: Sequence[float]):
@@ -370,6 +397,7 @@ def _cross_validate_gate(
     features: Features,
     training: Features,
     folds: list[list[int]],
+    held_out_logits: list[torch.Tensor],
     row: torch.Tensor,
     starts: list[torch.Tensor],
     *,
@@ -380,6 +408,7 @@ def _cross_validate_gate(
     """Train on every fold's training part at once (from that fold's static weights, `starts`), scoring the held-out
     parts at every length in `STEP_CHOICES`; training stops once some fold's held-out cross-entropy keeps rising
     (see `PATIENCE`).
+    `held_out_logits` are each fold's (m_f, B, C) logits over every class (`training` has the classes to train on).
     `row` maps an example to its row among the scored ones. `keep = (copy, start)`: the state of that copy at every
     checkpoint is kept, where copy `len(folds)`, trained on all the examples from output bias `start`, is an extra."""
     m, device = int((row >= 0).sum()), features.labels.device
@@ -396,7 +425,10 @@ def _cross_validate_gate(
     if keep is not None and keep[0] == len(folds):  # the gate on all the examples, trained beside the folds
         trains.append(torch.arange(n, device=device))
         starts.append(keep[1])
-    held_out = [(features.subset(fold), row[fold]) for fold in folds]
+    held_out = [
+        (Features(features.gate_inputs[fold], logits, features.labels[fold]), row[fold])
+        for fold, logits in zip(folds, held_out_logits)
+    ]
     fold_losses: list[list[float]] = [[] for _ in folds]  # from step STOP_FROM on
     most = STEP_CHOICES[-1]
 
@@ -472,8 +504,7 @@ def fit_calibrated_gate(
     num_folds: int = 5,
     per_image: bool = True,
     progress: FitProgress | None = None,
-    best_log_probs: torch.Tensor | None = None,
-    single_correct: torch.Tensor | None = None,
+    data: CalibrationData | None = None,
 ) -> GateChoice:
     """Fit `gate` in place on `features`, keeping a simpler combination when the gate does not help.
 
@@ -496,26 +527,24 @@ def fit_calibrated_gate(
     a chosen gate is the one trained on the other three quarters.
     The chosen candidate's out-of-fold answers come back in `GateChoice.out_of_fold` (the cascade fits its stopping
     rule on them). `progress(fraction, description)` hears of each fold's static weights and of the gate's training
-    steps (the folds' gates train together). `best_log_probs`, (n, C) each class's best log-probability under any
-    backbone, and `single_correct`, (n, B) whether each backbone alone is right, spare recomputing them (a cascade's
-    prefixes each add one backbone).
+    steps (the folds' gates train together). `data`, what the fit reads from the logits (`CalibrationData.of` of
+    `features` by default), may be that of some of their backbones alone: a cascade's stages pass slices of the full
+    ensemble's, with `per_image=False`, and `features.logits` is then not read.
     """
     progress = progress or _no_progress
     features = Features(*features)
-    labels, device = features.labels, features.labels.device
-    n = len(labels)
+    data = CalibrationData.of(features, seed, num_folds) if data is None else data
+    labels, folds, single_correct = data.labels, data.folds, data.single_correct
+    device, n = labels.device, len(labels)
     single_split = n >= SINGLE_SPLIT_FROM
-    folds = cross_validation_folds(labels, 4 if single_split else num_folds, seed)[: 1 if single_split else None]
     scored = torch.tensor(sorted(i for fold in folds for i in fold), device=device)
     trains = [sorted(set(range(n)) - set(fold)) for fold in folds]
-    if single_correct is None:
-        single_correct = features.logits.argmax(-1) == labels[:, None]  # (n, B)
     best = int(single_correct.float().mean(0).argmax())
     scored_labels = labels[scored]
     row = torch.full((n,), -1, dtype=torch.long, device=device)  # example -> its row among the scored ones
     row[scored] = torch.arange(len(scored), device=device)
     # The classes to fit static weights on, per image, once for all folds (every class unless there are many).
-    view_logits, view_labels = _training_view(features.logits, labels, best_log_probs)
+    view_logits, view_labels = data.view_logits, data.view_labels
 
     # Out-of-fold answers of the scored examples per untrained candidate, and per penalty for static weights. The
     # untrained candidates' cross-entropy is taken at an inverse temperature fitted on the training part (it changes
@@ -523,10 +552,9 @@ def fit_calibrated_gate(
     answers = {name: _ScoredAnswers.empty(len(scored), device) for name in (MEAN_OF_LOGITS, BEST_BACKBONE)}
     static_answers = [_ScoredAnswers.empty(len(scored), device) for _ in STATIC_PENALTIES]
     static_paths = []
-    for f, (fold, train) in enumerate(zip(folds, trains)):
+    for f, (fold, train, fold_logits) in enumerate(zip(folds, trains, data.held_out_logits)):  # (m_f, B, C) logits
         progress(0.1 * f / len(folds), f"Static weights: fold {f + 1} of {len(folds)}")
         train_best = int(single_correct[train].float().mean(0).argmax())
-        fold_logits = features.logits[fold]  # (m_f, B, C), gathered once for every candidate
         for name, logits, view in (
             (MEAN_OF_LOGITS, fold_logits.mean(1), view_logits.mean(1)),
             (BEST_BACKBONE, fold_logits[:, train_best], view_logits[:, train_best]),
@@ -559,6 +587,7 @@ def fit_calibrated_gate(
             features,
             Features(features.gate_inputs, view_logits, view_labels),
             folds,
+            data.held_out_logits,
             row,
             starts,
             seed=seed,
@@ -615,6 +644,7 @@ def fit_calibrated_gate(
 
 __all__ = [
     "BEST_BACKBONE",
+    "CalibrationData",
     "Features",
     "FitProgress",
     "GATE",
@@ -625,8 +655,10 @@ __all__ = [
     "STEP_CHOICES",
     "STEP_SHIFT",
     "STATIC_WEIGHTS",
+    "calibration_folds",
     "cross_validation_folds",
     "fit_calibrated_gate",
     "learning_rate",
     "set_best_backbone",
+    "training_view",
 ]

@@ -9,14 +9,25 @@ from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate
 from clip_ensemble.calibration.cascade_fitting import (
     _folds_of,
     _judged_out_of_fold,
+    _stage_training_views,
+    fit_cascade,
     images_to_show_a_saving,
     run_on_features,
     stop_margins,
 )
-from clip_ensemble.calibration.fitting import Features, OutOfFold, cross_validation_folds
+from clip_ensemble.calibration.fitting import (
+    TRAIN_CLASSES,
+    Features,
+    OutOfFold,
+    cross_validation_folds,
+    fit_calibrated_gate,
+    training_view,
+)
 from clip_ensemble.models.cascade import Cascade, cost_order
+from clip_ensemble.models.gate import EnsembleGate
 from clip_ensemble.models.modeling_clip_ensemble import CASCADE_WEIGHTS_NAME, GATE_WEIGHTS_NAME
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
+from clip_ensemble.tasks.synthetic import hard_images_task
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +288,36 @@ def test_fitting_a_cascade_reuses_calibrations_out_of_fold_answers(toy_backbone_
     model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
     calibrate(model, toy_dataset(per_class=4, seed=5), shots=4, cache=FeatureCache(None), cascade_tolerance=0.05)
     assert len(calls) == len(model.backbones) - 2
+
+
+def test_the_stages_training_views_are_each_prefixs_own():
+    # Taken in one pass for all the stages, the view of each prefix of the run order is `training_view` of its logits.
+    generator = torch.Generator().manual_seed(0)
+    logits = 5 * torch.randn(1100, 5, 3 * TRAIN_CLASSES, generator=generator)  # more than one block of 512 images
+    labels = torch.randint(3 * TRAIN_CLASSES, (1100,), generator=generator)
+    order = [3, 0, 4, 1, 2]
+    views = _stage_training_views(logits, labels, order)
+    assert len(views) == 3  # the stages of 2, 3 and 4 backbones
+    for k, (view_logits, view_labels) in enumerate(views, start=2):
+        own_logits, own_labels = training_view(logits[:, order[:k]], labels)
+        assert torch.equal(view_logits, own_logits) and torch.equal(view_labels, own_labels)
+
+
+def test_a_cascades_stages_are_fitted_as_calibration_fits_their_backbones_alone():
+    # The stages read the logits once for every prefix: each is fitted as its backbones' own calibration would fit it
+    # (here with more classes than the training view keeps).
+    task = hard_images_task(num_classes=TRAIN_CLASSES + 4, pool_shots=8, test_per_class=1, seed=1)
+    embeds = task.pool_embeds
+    features = Features(torch.cat(embeds, -1), task.logits(embeds), task.pool_labels)
+    dims, gflops = [e.shape[1] for e in embeds], [4.0, 1.0, 3.0, 2.0, 5.0]
+    full = fit_calibrated_gate(EnsembleGate(dims), features, seed=2).out_of_fold
+    cascade, report = fit_cascade(features, dims, gflops, full, tolerance=0.05, seed=2)
+    for k in range(1, len(cascade.order) - 1):
+        prefix = features.of_backbones(dims, cascade.order[: k + 1])
+        gate = EnsembleGate([dims[b] for b in cascade.order[: k + 1]])
+        choice = fit_calibrated_gate(gate, prefix, seed=2, per_image=False)
+        assert choice.chosen == report.stage_choices[k]
+        torch.testing.assert_close(cascade.gates[k].fc2.bias, gate.fc2.bias)
 
 
 def test_a_cascades_stages_are_static_combinations_that_read_no_embeddings(cascaded):
