@@ -15,6 +15,7 @@ from .digits import (
 from .synthetic import (
     WIDTHS,
     FeatureTask,
+    averaging_task,
     dominant_backbone_task,
     feature_task,
     hard_images_task,
@@ -30,6 +31,7 @@ __all__ = [
     "TOY_CLASSES",
     "WIDTHS",
     "FeatureTask",
+    "averaging_task",
     "digit_split_indices",
     "dominant_backbone_task",
     "digits_backbones",

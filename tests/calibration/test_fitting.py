@@ -20,7 +20,12 @@ from clip_ensemble.calibration.fitting import (
     training_view,
 )
 from clip_ensemble.models.gate import EnsembleGate, combine_logits
-from clip_ensemble.tasks.synthetic import dominant_backbone_task, hard_images_task, leading_backbone_task
+from clip_ensemble.tasks.synthetic import (
+    averaging_task,
+    dominant_backbone_task,
+    hard_images_task,
+    leading_backbone_task,
+)
 
 
 def _features(per_backbone_accuracy: list[float], num_classes: int = 6, shots: int = 4, seed: int = 0) -> Features:
@@ -276,6 +281,19 @@ def test_where_one_backbone_leads_by_a_little_calibration_keeps_up_with_it(shots
     averaging, best = runs[0][1], sum(r[2] for r in runs) / 3
     assert best > averaging + 0.005
     assert calibrated >= best - 0.003, [r[3] for r in runs]
+
+
+@pytest.mark.parametrize("shots", [8, 16])
+def test_where_averaging_beats_every_backbone_by_far_calibration_stays_with_it(shots):
+    # Four backbones of one latent space with noise of their own of similar size: averaging about 7 points above the
+    # best. Not yet at 1-4 shots: on 20 draws at 1 shot calibration averaged 86.3% against averaging's 87.75% (static
+    # weights or the gate kept on 14, the best backbone on 1), and the few-shot benchmark is 0.4 under at 4 shots.
+    task = averaging_task(num_classes=20, test_per_class=100)
+    runs = [_calibrated_and_references(task, shots, seed) for seed in range(3)]
+    calibrated = sum(r[0] for r in runs) / 3
+    averaging, best = runs[0][1], sum(r[2] for r in runs) / 3
+    assert averaging > best + 0.05
+    assert calibrated >= averaging - 0.003, [r[3] for r in runs]
 
 
 @pytest.mark.parametrize("shots", [1, 4])
