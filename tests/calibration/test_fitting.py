@@ -262,6 +262,14 @@ def _calibrated_and_references(task, shots: int, seed: int = 0) -> tuple[float, 
     return float(calibrated), float(averaging), float(best), choice
 
 
+def _over_draws(task, shots: int, draws: int = 3) -> tuple[float, float, float, list[GateChoice]]:
+    """`_calibrated_and_references` over `draws` k-shot draws: the mean test top-1 of the calibrated gate, averaging's,
+    the mean of the best backbone chosen on each draw's shots, and what each draw kept."""
+    runs = [_calibrated_and_references(task, shots, seed) for seed in range(draws)]
+    calibrated, best = sum(r[0] for r in runs) / draws, sum(r[2] for r in runs) / draws
+    return calibrated, runs[0][1], best, [r[3] for r in runs]
+
+
 @pytest.mark.parametrize("shots", [1, 4])
 def test_where_averaging_wins_calibration_keeps_up_with_it(shots):
     # Five similar backbones with correlated errors: averaging about a point above the best one.
@@ -275,12 +283,9 @@ def test_where_one_backbone_leads_by_a_little_calibration_keeps_up_with_it(shots
     # One backbone a point above averaging, errors shared by all: static weights in hindsight gain only half a point
     # over it. Static weights are kept on the out-of-fold evidence their penalty was chosen on, with no second hurdle;
     # with one, these 3 draws averaged 88.8% at 4 shots against 89.4% for the leader.
-    task = leading_backbone_task(num_classes=20, test_per_class=100)
-    runs = [_calibrated_and_references(task, shots, seed) for seed in range(3)]
-    calibrated = sum(r[0] for r in runs) / 3
-    averaging, best = runs[0][1], sum(r[2] for r in runs) / 3
+    calibrated, averaging, best, choices = _over_draws(leading_backbone_task(num_classes=20, test_per_class=100), shots)
     assert best > averaging + 0.005
-    assert calibrated >= best - 0.003, [r[3] for r in runs]
+    assert calibrated >= best - 0.003, choices
 
 
 @pytest.mark.parametrize("shots", [8, 16])
@@ -288,12 +293,9 @@ def test_where_averaging_beats_every_backbone_by_far_calibration_stays_with_it(s
     # Four backbones of one latent space with noise of their own of similar size: averaging about 7 points above the
     # best. Not yet at 1-4 shots: on 20 draws at 1 shot calibration averaged 86.3% against averaging's 87.75% (static
     # weights or the gate kept on 14, the best backbone on 1), and the few-shot benchmark is 0.4 under at 4 shots.
-    task = averaging_task(num_classes=20, test_per_class=100)
-    runs = [_calibrated_and_references(task, shots, seed) for seed in range(3)]
-    calibrated = sum(r[0] for r in runs) / 3
-    averaging, best = runs[0][1], sum(r[2] for r in runs) / 3
+    calibrated, averaging, best, choices = _over_draws(averaging_task(num_classes=20, test_per_class=100), shots)
     assert averaging > best + 0.05
-    assert calibrated >= averaging - 0.003, [r[3] for r in runs]
+    assert calibrated >= averaging - 0.003, choices
 
 
 @pytest.mark.parametrize("shots", [1, 4])
@@ -302,11 +304,9 @@ def test_where_one_backbone_dominates_calibration_does_not_stay_at_averaging(sho
     # draws: on one draw the out-of-fold evidence may be too thin to leave averaging (one image out of eighty).
     task = dominant_backbone_task(num_classes=20)
     _, test = _split(task)
-    runs = [_calibrated_and_references(task, shots, seed) for seed in range(3)]
-    calibrated = sum(r[0] for r in runs) / 3
-    averaging, best = runs[0][1], sum(r[2] for r in runs) / 3
+    calibrated, averaging, best, choices = _over_draws(task, shots)
     assert (test.logits[:, 0].argmax(-1) == test.labels).float().mean() > averaging + 0.01  # the strong backbone
-    assert calibrated >= max(averaging, best) - 0.005, [r[3] for r in runs]
+    assert calibrated >= max(averaging, best) - 0.005, choices
     if shots >= 4:  # with a few shots static weights or the gate leave averaging well behind
-        assert sum(r[3].chosen in (STATIC_WEIGHTS, GATE) for r in runs) >= 2, [r[3] for r in runs]
-        assert calibrated > best + 0.02, [r[3] for r in runs]
+        assert sum(choice.chosen in (STATIC_WEIGHTS, GATE) for choice in choices) >= 2, choices
+        assert calibrated > best + 0.02, choices
