@@ -13,7 +13,9 @@ from clip_ensemble.calibration.fitting import (
     TRAIN_CLASSES,
     Features,
     GateChoice,
+    _beats,
     _fit_inverse_temperature,
+    _sign_test,
     _train_gates,
     cross_validation_folds,
     fit_calibrated_gate,
@@ -149,6 +151,25 @@ def test_the_choice_compares_held_out_top1_then_cross_entropy():
         or accuracy[choice.chosen] > accuracy[MEAN_OF_LOGITS]
         or (accuracy[choice.chosen] == accuracy[MEAN_OF_LOGITS] and loss[choice.chosen] < loss[MEAN_OF_LOGITS])
     )
+
+
+def test_the_best_backbone_needs_more_wins_than_luck_gives_one_time_in_six():
+    # McNemar's test, exact: the chance of at least `wins` of the disagreements going one way by a fair coin.
+    for wins, losses in [(0, 0), (1, 0), (2, 0), (3, 1), (5, 1), (7, 4)]:
+        n = wins + losses
+        exact = sum(math.comb(n, i) for i in range(wins, n + 1)) / 2**n
+        assert _sign_test(wins, losses) == pytest.approx(exact, rel=1e-9)
+    assert _sign_test(2100, 1900) == pytest.approx(0.5 * math.erfc(200 / math.sqrt(4000) / math.sqrt(2)), rel=0.2)
+
+    def beats(wins: int, losses: int, ties: int = 10) -> bool:  # the best backbone against the mean of logits
+        best = torch.tensor([True] * wins + [False] * losses + [True] * ties)
+        mean = torch.tensor([False] * wins + [True] * losses + [True] * ties)
+        return _beats(BEST_BACKBONE, best, mean, torch.zeros(len(best)), torch.ones(len(best)))
+
+    # 2 wins to none and 3 to 1 are z = 1.41 and 1.00 under the normal approximation, but luck gives as many 25% and
+    # 31% of the time; 3 to none (12.5%) and 5 to 1 (11%) are under one standard error's 15.9%.
+    assert not beats(2, 0) and not beats(3, 1) and not beats(1, 0)
+    assert beats(3, 0) and beats(5, 1)
 
 
 def test_a_chosen_gate_is_saved_in_the_gates_own_parameters():
