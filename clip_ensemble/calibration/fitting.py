@@ -488,12 +488,11 @@ def _beats(
       images they disagree on: one image more out of twenty is not evidence. The test is McNemar's, exact
       (`_sign_test`): with a handful of disagreements the normal approximation let 2 wins to none, or 3 to 1, pass
       as one standard error (z = 1.41, 1.00), where the chance of as many by luck is 25% and 31%, not 16%. The best
-      backbone, one
-      discrete pick that drops the other backbones, is judged by its answers alone: its cross-entropy, from the few
-      images a single backbone gets wrong, says little about the images it has not seen. The gate, which contains
-      the incumbent (the mean of logits or static weights: its starting point) and has thousands of weights, may also
-      win by cross-entropy: lower by more than one standard error of the paired difference while right at least as
-      often, as a richer model is judged by its likelihood as well as its answers.
+      backbone, one discrete pick that drops the other backbones, is judged by its answers alone: its cross-entropy,
+      from the few images a single backbone gets wrong, says little about the images it has not seen. The gate, which
+      contains the incumbent (the mean of logits or static weights: its starting point) and has thousands of weights,
+      may also win by cross-entropy: lower by more than one standard error of the paired difference while right at
+      least as often, as a richer model is judged by its likelihood as well as its answers.
     """
     wins = int((correct & ~incumbent_correct).sum())
     losses = int((incumbent_correct & ~correct).sum())
@@ -531,8 +530,8 @@ def fit_calibrated_gate(
     The best backbone is chosen on each fold's training part; averaging and the best backbone are scored at an
     inverse temperature fitted there. Each candidate in turn replaces the one kept so far when it beats it out of
     fold (see `_beats`): the best backbone and the gate when right more often by more than one standard error (an
-    exact McNemar test at the level of z = `MIN_WIN_Z`), the gate also when its cross-entropy is lower by more than one standard error and
-    it is right at least as often; static weights, whose penalty cross-validation has already weighed against the
+    exact McNemar test at the level of z = `MIN_WIN_Z`), the gate also when its cross-entropy is lower by more than
+    one standard error and it is right at least as often; static weights, whose penalty cross-validation has already weighed against the
     mean of logits, when right more often, or as often with a lower cross-entropy. The chosen candidate is refitted
     on all the examples. From `SINGLE_SPLIT_FROM` examples on, one held-out quarter is scored instead of k folds, and
     a chosen gate is the one trained on the other three quarters.
