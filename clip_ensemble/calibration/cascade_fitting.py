@@ -314,7 +314,7 @@ def fit_cascade(
     labels = features.labels[full.index.to(features.labels.device)].cpu()
     answers = torch.stack([*(s.predictions for s in stages), full.predictions])  # (B, m)
     correct = answers == labels
-    costs = torch.tensor([gflops[b] for b in order]).cumsum(0)  # (B,) cost of stopping after each backbone
+    costs = torch.tensor([float(gflops[b]) for b in order]).cumsum(0)  # (B,) cost of stopping after each backbone
     m = len(labels)
     folds = _folds_of(stages, full, cross_validation_folds(labels, seed=seed))  # to judge each rule out of fold
     tradeoff = []

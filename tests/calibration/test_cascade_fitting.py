@@ -320,6 +320,17 @@ def test_a_cascades_stages_are_fitted_as_calibration_fits_their_backbones_alone(
         torch.testing.assert_close(cascade.gates[k].fc2.bias, gate.fc2.bias)
 
 
+def test_gflops_given_as_integers_cost_what_the_same_floats_cost():
+    # Costs typed by hand (`[4, 1, 3]`) once failed in torch's mean of an integer tensor.
+    task = hard_images_task(num_classes=6, pool_shots=8, test_per_class=1, seed=1)
+    features = Features(torch.cat(task.pool_embeds, -1), task.logits(task.pool_embeds), task.pool_labels)
+    dims = [e.shape[1] for e in task.pool_embeds]
+    full = fit_calibrated_gate(EnsembleGate(dims), features, seed=0).out_of_fold
+    _, from_floats = fit_cascade(features, dims, [4.0, 1.0, 3.0, 2.0, 5.0], full, tolerance=0.05)
+    _, from_integers = fit_cascade(features, dims, [4, 1, 3, 2, 5], full, tolerance=0.05)
+    assert from_integers.mean_gflops == from_floats.mean_gflops and from_integers.full_gflops == 15.0
+
+
 def test_a_cascades_stages_are_static_combinations_that_read_no_embeddings(cascaded):
     model, report = cascaded
     cascade = model.cascade
