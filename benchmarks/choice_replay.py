@@ -1,0 +1,192 @@
+"""What a choice among calibration's candidates can reach, on the same evidence: choice rules replayed on recorded draws.
+
+`fit_calibrated_gate` scores four candidates out of fold (the mean of logits, the best backbone, static weights and
+the gate) and keeps one (see its `_beats`). To compare choice rules without refitting, this benchmark fits every
+k-shot draw of benchmarks/few_shot_accuracy.py once per candidate, each time with that candidate forced (the
+module's `_beats` replaced for the call, as below), and records every candidate's out-of-fold evidence (per scored
+image: right or not, cross-entropy) and each candidate's test top-1. Rules are then replayed on the records:
+- landed: the rule `fit_calibrated_gate` runs, each candidate in turn against the one kept so far (`_beats`);
+- most hits: the candidate right most often out of fold, ties by the lower cross-entropy;
+- most hits, ties to the simplest: ties keep the simplest (mean, best backbone, static weights, gate);
+- averaging or best backbone by hits: the better of the two untrained candidates by out-of-fold hits (ties to the
+  mean), then static weights and the gate by the landed rule against it;
+- the oracle's choice: the candidate with the best test top-1 on each draw, the most any rule on these candidates
+  can reach.
+Per task and k: mean test top-1 over the draws (20 by default, against the few-shot benchmark's 5) and its gap to
+the target (the larger of averaging and the best single backbone chosen on the shots, minus 0.3 points); a cell under
+it, or more than 0.3 under the same rule at a smaller k, is marked.
+
+    python benchmarks/choice_replay.py --save
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from few_shot_accuracy import SHOTS, TASKS, few_shot_indices, load_tasks
+from tables import save_result
+
+from clip_ensemble.calibration import fitting
+from clip_ensemble.calibration.fitting import BEST_BACKBONE, GATE, MEAN_OF_LOGITS, STATIC_WEIGHTS, Features
+from clip_ensemble.models.gate import EnsembleGate, combine_logits
+from clip_ensemble.tasks.synthetic import FeatureTask
+
+RESULTS = Path(__file__).parent / "results"
+CANDIDATES = (MEAN_OF_LOGITS, BEST_BACKBONE, STATIC_WEIGHTS, GATE)  # simplest first
+SHORT = {MEAN_OF_LOGITS: "m", BEST_BACKBONE: "b", STATIC_WEIGHTS: "s", GATE: "g"}
+MARGIN = 0.003  # the target's 0.3 points
+
+
+def record_draw(task: FeatureTask, support: Features, test: Features, seed: int) -> dict:
+    """One draw: every candidate's out-of-fold (hits, losses), each candidate's test top-1 when kept, and the
+    references (averaging, and the backbone best on the shots)."""
+    landed_beats = fitting._beats
+    evidence: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    test_top1 = {}
+    for forced in CANDIDATES:
+
+        def beats(challenger, correct, incumbent_correct, loss, incumbent_loss, forced=forced) -> bool:
+            evidence.setdefault(MEAN_OF_LOGITS, (incumbent_correct.clone(), incumbent_loss.clone()))
+            evidence[challenger] = (correct.clone(), loss.clone())
+            return challenger == forced
+
+        gate = EnsembleGate([e.shape[1] for e in task.pool_embeds])
+        fitting._beats = beats
+        try:
+            choice = fitting.fit_calibrated_gate(gate, support, seed=seed)
+        finally:
+            fitting._beats = landed_beats
+        if choice.chosen == forced:  # static weights at the infinite penalty are the mean: never offered
+            with torch.no_grad():
+                combined = combine_logits(test.logits, gate(test.gate_inputs))
+            test_top1[forced] = float((combined.argmax(-1) == test.labels).float().mean())
+    best = int((support.logits.argmax(-1) == support.labels[:, None]).float().mean(0).argmax())
+    return {
+        "evidence": evidence,
+        "test": test_top1,
+        "averaging": float((test.logits.mean(1).argmax(-1) == test.labels).float().mean()),
+        "best single": float((test.logits[:, best].argmax(-1) == test.labels).float().mean()),
+    }
+
+
+def _offered(draw: dict) -> list[str]:
+    return [name for name in CANDIDATES if name in draw["test"]]
+
+
+def _hits(draw: dict, name: str) -> int:
+    return int(draw["evidence"][name][0].sum())
+
+
+def _loss(draw: dict, name: str) -> float:
+    return float(draw["evidence"][name][1].mean())
+
+
+def _landed_from(draw: dict, chosen: str, challengers: tuple[str, ...]) -> str:
+    for name in challengers:
+        if name in draw["test"]:
+            correct, loss = draw["evidence"][name]
+            incumbent_correct, incumbent_loss = draw["evidence"][chosen]
+            if fitting._beats(name, correct, incumbent_correct, loss, incumbent_loss):
+                chosen = name
+    return chosen
+
+
+def landed(draw: dict) -> str:
+    return _landed_from(draw, MEAN_OF_LOGITS, (BEST_BACKBONE, STATIC_WEIGHTS, GATE))
+
+
+def most_hits(draw: dict) -> str:
+    return max(_offered(draw), key=lambda name: (_hits(draw, name), -_loss(draw, name)))
+
+
+def most_hits_simplest(draw: dict) -> str:
+    return max(_offered(draw), key=lambda name: _hits(draw, name))  # max keeps the first of equals
+
+
+def untrained_by_hits(draw: dict) -> str:
+    start = BEST_BACKBONE if _hits(draw, BEST_BACKBONE) > _hits(draw, MEAN_OF_LOGITS) else MEAN_OF_LOGITS
+    return _landed_from(draw, start, (STATIC_WEIGHTS, GATE))
+
+
+def oracle_choice(draw: dict) -> str:
+    return max(_offered(draw), key=lambda name: draw["test"][name])
+
+
+RULES: dict[str, Callable[[dict], str]] = {
+    "landed": landed,
+    "most hits": most_hits,
+    "most hits, ties to the simplest": most_hits_simplest,
+    "averaging or best backbone by hits": untrained_by_hits,
+    "the oracle's choice": oracle_choice,
+}
+
+
+def table(records: dict[str, dict[int, list[dict]]]) -> str:
+    """Markdown rows per task and k: the target, then each rule's mean test top-1 (gap to the target) and what it
+    kept per draw; and per rule the number of cells it misses."""
+    rows = ["| task | k | target | " + " | ".join(RULES) + " |", "|---|---:|---:|" + "---|" * len(RULES)]
+    misses = dict.fromkeys(RULES, 0)
+    for task, per_k in records.items():
+        earlier: dict[str, list[float]] = {rule: [] for rule in RULES}
+        for k, draws in per_k.items():
+            target = max(np.mean([d["averaging"] for d in draws]), np.mean([d["best single"] for d in draws])) - MARGIN
+            cells = []
+            for rule, choose in RULES.items():
+                kept = [choose(d) for d in draws]
+                mean = float(np.mean([d["test"][name] for d, name in zip(draws, kept)]))
+                missed = mean < target - 1e-9 or any(mean < e - MARGIN - 1e-9 for e in earlier[rule])
+                misses[rule] += missed and rule != "the oracle's choice"
+                earlier[rule].append(mean)
+                bold = "**" if missed else ""
+                letters = "".join(SHORT[name] for name in kept)
+                cells.append(f"{bold}{100 * mean:.1f} ({100 * (mean - target):+.2f}){bold} {letters}")
+            rows.append(f"| {task} | {k} | {100 * target:.1f} | " + " | ".join(cells) + " |")
+    rows.append("| cells missed | | | " + " | ".join(str(misses[rule]) for rule in RULES) + " |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=[t for t in TASKS if t != "synthetic"], choices=TASKS)
+    parser.add_argument("--shots", type=int, nargs="+", default=list(SHOTS))
+    parser.add_argument("--draws", type=int, default=20, help="k-shot draws per k (default: 20)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--workdir", help="where to keep the trained tiny backbones (default: a temporary folder)")
+    parser.add_argument("--save", action="store_true", help="write the table to benchmarks/results/")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        records: dict[str, dict[int, list[dict]]] = {}
+        for task in load_tasks(args.tasks, Path(args.workdir or tmp), synthetic_classes=50):
+            pool = Features(torch.cat(task.pool_embeds, -1), task.logits(task.pool_embeds), task.pool_labels)
+            test = Features(torch.cat(task.test_embeds, -1), task.logits(task.test_embeds), task.test_labels)
+            records[task.name] = {}
+            for k in args.shots:
+                records[task.name][k] = [
+                    record_draw(task, pool.subset(few_shot_indices(pool.labels, k, seed)), test, seed)
+                    for seed in range(args.draws)
+                ]
+                print(f"  {task.name} k={k}: {time.perf_counter() - started:.0f} s", flush=True)
+    rows = table(records)
+    setup = (
+        f"Test top-1 %, mean over {args.draws} k-shot draws (seeds 0-{args.draws - 1}; the few-shot benchmark's "
+        "draws are seeds 0-4), each rule replayed on the same recorded evidence; (gap to the target) in points; "
+        "letters: what the rule kept per draw (m: mean of logits, b: best backbone, s: static weights, g: gate). "
+        "Target: max(averaging, best single chosen on the shots) - 0.3. In bold: under the target, or more than 0.3 "
+        f"under the same rule at a smaller k. Recording took {time.perf_counter() - started:.0f} s (four fits per "
+        "draw)."
+    )
+    output = RESULTS / "choice_replay.md" if args.save else None
+    title = "Choice rules replayed on the same evidence"
+    save_result(output, title, "python benchmarks/choice_replay.py --save", setup, rows)
+
+
+if __name__ == "__main__":
+    main()
