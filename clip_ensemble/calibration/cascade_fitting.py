@@ -89,63 +89,86 @@ def stop_margins(stages: list[OutOfFold], full: OutOfFold, risk: float) -> list[
     is at most `risk` stops. The +1 and +2 (a uniform prior on the rate) keep a few agreeing images from looking
     safe: a rate under 1% needs about 100 images behind it.
     """
-    running = torch.ones(len(full.predictions), dtype=torch.bool)
+    return _stop_margins(_Answers.of(stages, full), risk)
+
+
+class _Answers(NamedTuple):
+    """Scored images' answers as NumPy arrays: the stopping rule is fitted and judged dozens of times on a few hundred
+    images, where each torch call's overhead would cost more than its work (on hard-images, most of the cascade's
+    fitting time beside the stages' own)."""
+
+    stage_predictions: np.ndarray  # (S, m) each early stage's answer
+    stage_margins: np.ndarray  # (S, m) float32, its top-1 minus top-2 combined logit
+    full_predictions: np.ndarray  # (m,) the full ensemble's answer
+
+    @classmethod
+    def of(cls, stages: list[OutOfFold], full: OutOfFold) -> _Answers:
+        def rows(values: list[torch.Tensor]) -> np.ndarray:
+            return torch.stack(values).cpu().numpy() if values else np.empty((0, len(full.predictions)))
+
+        return cls(
+            rows([s.predictions for s in stages]), rows([s.margins for s in stages]), full.predictions.cpu().numpy()
+        )
+
+    def rows(self, keep: np.ndarray) -> _Answers:
+        return _Answers(self.stage_predictions[:, keep], self.stage_margins[:, keep], self.full_predictions[keep])
+
+
+def _stop_margins(answers: _Answers, risk: float) -> list[float | None]:
+    """`stop_margins` on NumPy answers."""
+    running = np.ones(len(answers.full_predictions), dtype=bool)
+    risk = np.float32(risk)  # rates are float32, as they were in torch
     margins: list[float | None] = []
-    for stage in stages:
-        candidates = running.nonzero().squeeze(1)
-        stage_margins = stage.margins[candidates].cpu()
-        ranked = stage_margins.argsort(descending=True)
-        sorted_margins = stage_margins[ranked]
-        changes = (stage.predictions[candidates] != full.predictions[candidates]).cpu()[ranked].cumsum(0)
-        count = torch.arange(1, len(ranked) + 1)
-        rate = (changes + 1) / (count + 2)
+    for predictions, stage_margins in zip(answers.stage_predictions, answers.stage_margins):
+        candidates = np.flatnonzero(running)
+        values = stage_margins[candidates]
+        ranked = np.argsort(-values, kind="stable")
+        sorted_margins = values[ranked]
+        changes = np.cumsum(predictions[candidates[ranked]] != answers.full_predictions[candidates[ranked]])
+        rate = (changes + 1).astype(np.float32) / np.arange(3, len(ranked) + 3, dtype=np.float32)
         # A group must end where the margin drops, so that a threshold separates it from the rest.
-        ends = torch.ones(len(ranked), dtype=torch.bool)
+        ends = np.ones(len(ranked), dtype=bool)
         ends[:-1] = sorted_margins[:-1] > sorted_margins[1:]
-        feasible = ((rate <= risk) & ends & torch.isfinite(sorted_margins)).nonzero()
+        feasible = np.flatnonzero((rate <= risk) & ends & np.isfinite(sorted_margins))
         if len(feasible) == 0:
             margins.append(None)
             continue
-        threshold = float(sorted_margins[int(feasible[-1])])
+        threshold = float(sorted_margins[feasible[-1]])
         margins.append(threshold)
-        running[candidates[stage_margins >= threshold]] = False
+        running[candidates[values >= threshold]] = False
     return margins
 
 
-def _simulate(stages: list[OutOfFold], full: OutOfFold, thresholds: list[float | None]) -> torch.Tensor:
-    """(m,) the stage each scored image stops at under `thresholds` (len(stages) when it runs every backbone)."""
-    stop = torch.full((len(full.predictions),), len(stages))
-    for k in reversed(range(len(stages))):  # the earliest stage whose margin is reached wins
+def _simulate(answers: _Answers, thresholds: list[float | None]) -> np.ndarray:
+    """(m,) the stage each scored image stops at under `thresholds` (the number of early stages when it runs every
+    backbone)."""
+    stop = np.full(len(answers.full_predictions), len(thresholds))
+    for k in reversed(range(len(thresholds))):  # the earliest stage whose margin is reached wins
         if thresholds[k] is not None:
-            stop[(stages[k].margins >= thresholds[k]).cpu()] = k
+            stop[answers.stage_margins[k] >= np.float32(thresholds[k])] = k
     return stop
 
 
 class _Fold(NamedTuple):
     """One calibration fold of the scored images: the answers the stop margins are fitted on, and the held-out ones."""
 
-    held: torch.Tensor  # (m,) whether each scored image is in the fold
-    train: tuple[list[OutOfFold], OutOfFold]  # the other folds' stage answers and full answers
-    test: tuple[list[OutOfFold], OutOfFold]  # the fold's own
+    held: np.ndarray  # (m,) whether each scored image is in the fold
+    train: _Answers  # the other folds' stage answers and full answers
+    test: _Answers  # the fold's own
 
 
-def _folds_of(stages: list[OutOfFold], full: OutOfFold, folds: list[list[int]]) -> list[_Fold]:
+def _folds_of(answers: _Answers, folds: list[list[int]]) -> list[_Fold]:
     """The stages' and the full ensemble's out-of-fold answers split by `folds` (positions among the scored images),
     once for every risk."""
-
-    def rows(answers: OutOfFold, keep: torch.Tensor) -> OutOfFold:
-        return OutOfFold(answers.index[keep], answers.predictions[keep], answers.margins[keep])
-
     split = []
     for fold in folds:
-        held = torch.zeros(len(full.predictions), dtype=torch.bool)
+        held = np.zeros(len(answers.full_predictions), dtype=bool)
         held[fold] = True
-        train = ([rows(s, ~held) for s in stages], rows(full, ~held))
-        split.append(_Fold(held, train, ([rows(s, held) for s in stages], rows(full, held))))
+        split.append(_Fold(held, answers.rows(~held), answers.rows(held)))
     return split
 
 
-def _judged_out_of_fold(folds: list[_Fold], risk: float) -> tuple[torch.Tensor, list[float | None]]:
+def _judged_out_of_fold(folds: list[_Fold], risk: float) -> tuple[np.ndarray, list[float | None]]:
     """(m,) the stage each scored image stops at under stop margins fitted at `risk` without its fold, and the stop
     margins to keep: per stage, the median of the folds' margins (None where most folds stop no image there).
 
@@ -154,11 +177,11 @@ def _judged_out_of_fold(folds: list[_Fold], risk: float) -> tuple[torch.Tensor, 
     images, margins fitted on one half lose about twice as many answers on the other half as on their own. Judged on
     held-out folds, a rule is scored as it will run, on images its margins never saw; and the margins kept are the
     folds' own, so what is kept is what was judged."""
-    stop = torch.empty(len(folds[0].held), dtype=torch.long)
+    stop = np.empty(len(folds[0].held), dtype=np.int64)
     fold_margins = []
     for fold in folds:
-        margins = stop_margins(*fold.train, risk)
-        stop[fold.held] = _simulate(*fold.test, margins)
+        margins = _stop_margins(fold.train, risk)
+        stop[fold.held] = _simulate(fold.test, margins)
         fold_margins.append(margins)
     kept = []
     for per_fold in zip(*fold_margins):
@@ -167,7 +190,7 @@ def _judged_out_of_fold(folds: list[_Fold], risk: float) -> tuple[torch.Tensor, 
     return stop, kept
 
 
-def _estimated_loss(correct: torch.Tensor, stage: torch.Tensor) -> float:
+def _estimated_loss(correct: np.ndarray, stage: np.ndarray) -> float:
     """(B, m) whether each stage's answer is right, (m,) the stage each image stops at -> the loss of top-1 against
     the full ensemble (the last stage), estimated conservatively: (images the full ensemble gets right and the
     cascade wrong + 1) / (images + 2), a uniform prior on the rate of lost answers; 0 when no image stops early.
@@ -176,7 +199,7 @@ def _estimated_loss(correct: torch.Tensor, stage: torch.Tensor) -> float:
     m = len(stage)
     if bool((stage == len(correct) - 1).all()):
         return 0.0
-    lost = correct[-1] & ~correct[stage, torch.arange(m)]
+    lost = correct[-1] & ~correct[stage, np.arange(m)]
     return float(lost.sum() + 1) / (m + 2)
 
 
@@ -310,29 +333,29 @@ def fit_cascade(
         stages.append(choice.out_of_fold)
         stage_choices.append(choice.chosen)
 
-    stages, full = [OutOfFold(*(t.cpu() for t in s)) for s in stages], OutOfFold(*(t.cpu() for t in full))
-    labels = features.labels[full.index.to(features.labels.device)].cpu()
-    answers = torch.stack([*(s.predictions for s in stages), full.predictions])  # (B, m)
-    correct = answers == labels
-    costs = torch.tensor([float(gflops[b]) for b in order]).cumsum(0)  # (B,) cost of stopping after each backbone
+    answers = _Answers.of(stages, full)
+    labels = features.labels[full.index.to(features.labels.device)].cpu().numpy()
+    correct = np.vstack([answers.stage_predictions, answers.full_predictions[None]]) == labels  # (B, m)
+    costs = np.cumsum([float(gflops[b]) for b in order])  # (B,) cost of stopping after each backbone
     m = len(labels)
-    folds = _folds_of(stages, full, cross_validation_folds(labels, seed=seed))  # to judge each rule out of fold
+    folds = _folds_of(answers, cross_validation_folds(labels, seed=seed))  # to judge each rule out of fold
     tradeoff = []
     for risk in [*RISKS, None]:  # riskier first; None never stops early
         if risk is None:
             thresholds = [None] * len(stages)
-            stage = _simulate(stages, full, thresholds)
+            stage = _simulate(answers, thresholds)
         else:
             stage, thresholds = _judged_out_of_fold(folds, risk)
+        right = correct[stage, np.arange(m)]
         tradeoff.append(
             {
                 "risk": risk,
                 "stop_margins": thresholds,
-                "accuracy": float(correct[stage, torch.arange(m)].float().mean()),
+                "accuracy": float(right.mean()),
                 "estimated_loss": _estimated_loss(correct, stage),
-                "lost": int((correct[-1] & ~correct[stage, torch.arange(m)]).sum()),
+                "lost": int((correct[-1] & ~right).sum()),
                 "mean_gflops": float(costs[stage].mean()),
-                "stop_fractions": torch.bincount(stage, minlength=len(order)).div(m).tolist(),
+                "stop_fractions": (np.bincount(stage, minlength=len(order)) / m).tolist(),
             }
         )
     full_accuracy = tradeoff[-1]["accuracy"]

@@ -7,6 +7,7 @@ import torch
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate
 from clip_ensemble.calibration.cascade_fitting import (
+    _Answers,
     _folds_of,
     _judged_out_of_fold,
     _stage_training_views,
@@ -247,7 +248,7 @@ def test_each_stopping_rule_is_judged_on_images_its_margins_were_not_fitted_on()
     agree = [True] * 200 + [i % 3 > 0 for i in range(100)]
     stage, full = _answers([float(m) for m in range(300, 0, -1)], agree)
     folds = cross_validation_folds(torch.zeros(300, dtype=torch.long), 5, seed=0)
-    stops, kept = _judged_out_of_fold(_folds_of([stage], full, folds), risk=0.02)
+    stops, kept = _judged_out_of_fold(_folds_of(_Answers.of([stage], full), folds), risk=0.02)
     fold_margins = []
     for fold in folds:  # each fold stops as the margin fitted without it says
         held = torch.zeros(300, dtype=torch.bool)
@@ -260,7 +261,7 @@ def test_each_stopping_rule_is_judged_on_images_its_margins_were_not_fitted_on()
     # A stage where most folds stop nothing keeps no margin: 20 images cannot show a 2% change rate.
     few, few_full = _answers([float(m) for m in range(20, 0, -1)], [True] * 20)
     few_folds = cross_validation_folds(torch.zeros(20, dtype=torch.long), 5, seed=0)
-    assert _judged_out_of_fold(_folds_of([few], few_full, few_folds), risk=0.02)[1] == [None]
+    assert _judged_out_of_fold(_folds_of(_Answers.of([few], few_full), few_folds), risk=0.02)[1] == [None]
 
 
 def test_cached_features_give_the_models_own_cascade_answers(cascaded, test_images):
