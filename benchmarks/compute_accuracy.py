@@ -195,6 +195,8 @@ def main() -> None:
                                            args.batch_size, args.rounds)  # fmt: skip
             clock = f"{1e3 * full_s:.3f} / {1e3 * cascade_s:.3f} (seed {timed})"
         subsets = sorted({r["subset_names"] for r in runs})
+        gate_s = statistics.median(r["gate_seconds"] for r in runs)
+        cascade_fit_s = statistics.median(r["cascade_seconds"] for r in runs)
         rows.append(
             f"| {name} | {spread([r['full'] for r in runs])} | {spread([r['subset'] for r in runs])} at "
             f"{spread([r['subset_share'] for r in runs], 100)}% | {spread([r['cascade'] for r in runs])} | "
@@ -209,8 +211,8 @@ def main() -> None:
             + f"); on the calibration folds, each judged under stop margins fitted on the others: estimated loss "
             f"{spread([r['estimated_loss'] for r in runs])} points at {spread([r['estimated_share'] for r in runs])}% "
             "of the GFLOPs; "
-            f"fitting: gate {np.mean([r['gate_seconds'] for r in runs]):.1f} s, cascade "
-            f"{np.mean([r['cascade_seconds'] for r in runs]):.1f} s; subsets chosen: {', '.join(subsets)}"
+            f"fitting (median over seeds): gate {gate_s:.2f} s, cascade {cascade_fit_s:.2f} s ({cascade_fit_s / gate_s:.2f} x "
+            f"the gate's); subsets chosen: {', '.join(subsets)}"
             + "".join(
                 f"; never stops early on {count} of {len(runs)} seeds: "
                 + (

@@ -226,23 +226,9 @@ def _fit_log_temperature_lbfgs(logits: torch.Tensor, labels: torch.Tensor) -> fl
     return float(log_t.detach().clamp(-10, 10).exp())
 
 
-def _lbfgs(parameters: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor]) -> None:
-    optimizer = torch.optim.LBFGS(
-        parameters, max_iter=MAX_ITER, tolerance_grad=1e-5, tolerance_change=1e-6, line_search_fn="strong_wolfe"
-    )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-
-
 def _lbfgs_with_gradient(parameter: torch.Tensor, loss_and_gradient: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
-    """`_lbfgs` on one parameter whose gradient `loss_and_gradient` gives with the loss, updated in place."""
+    """Full-batch L-BFGS (at most `MAX_ITER` iterations) on `parameter`, updated in place; `loss_and_gradient()` gives
+    the loss at its current value and the gradient in it."""
     optimizer = torch.optim.LBFGS(
         [parameter], max_iter=MAX_ITER, tolerance_grad=1e-5, tolerance_change=1e-6, line_search_fn="strong_wolfe"
     )
