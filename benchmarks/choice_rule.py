@@ -39,10 +39,10 @@ from clip_ensemble.calibration.fitting import (
     MEAN_OF_LOGITS,
     STATIC_WEIGHTS,
     Features,
-    cross_validation_folds,
     fit_calibrated_gate,
     set_best_backbone,
 )
+from clip_ensemble.calibration.folds import cross_validation_folds
 from clip_ensemble.models.gate import EnsembleGate, combine_logits
 
 RESULTS = Path(__file__).parent / "results"

@@ -25,7 +25,8 @@ from tables import save_result
 from torch import nn
 
 from clip_ensemble.calibration.baselines import fit_stacking
-from clip_ensemble.calibration.fitting import Features, fit_calibrated_gate, learning_rate
+from clip_ensemble.calibration.fitting import Features, fit_calibrated_gate
+from clip_ensemble.calibration.gate_training import learning_rate
 from clip_ensemble.models.gate import EnsembleGate, combine_logits
 
 STEPS = (100, 1000)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..models.gate import combine_logits
-from .fitting import Features, cross_validation_folds
+from .folds import Features, cross_validation_folds
 
 STACKING = "stacking (static weights)"
 LINEAR_PROBE = "linear probe"

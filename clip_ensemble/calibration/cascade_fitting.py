@@ -16,15 +16,8 @@ import torch
 
 from ..models.cascade import Cascade, cost_order
 from ..models.gate import EnsembleGate, combine_logits
-from .fitting import (
-    TRAIN_CLASSES,
-    CalibrationData,
-    Features,
-    OutOfFold,
-    calibration_folds,
-    cross_validation_folds,
-    fit_calibrated_gate,
-)
+from .fitting import fit_calibrated_gate
+from .folds import TRAIN_CLASSES, CalibrationData, Features, OutOfFold, calibration_folds, cross_validation_folds
 
 SINGLE_BACKBONE = "single backbone"  # the first stage: the cheapest backbone's own logits, unweighted
 # Tolerances whose stopping margins are kept in the config, for accuracy-against-compute charts.

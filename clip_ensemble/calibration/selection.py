@@ -15,7 +15,8 @@ from ..models.configuration_clip_ensemble import CLIPEnsembleConfig
 from ..models.gate import EnsembleGate
 from ..models.modeling_clip_ensemble import CLIPEnsembleModel
 from .calibrate import CalibrationReport, calibrate
-from .fitting import Features, fit_calibrated_gate
+from .fitting import fit_calibrated_gate
+from .folds import Features
 
 # Subsets are enumerated exhaustively (2^B - 1 of them); beyond this many backbones that is too many.
 _MAX_BACKBONES = 16

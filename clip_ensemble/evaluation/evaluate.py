@@ -13,7 +13,7 @@ import torch
 
 from ..calibration.baselines import Baseline, fit_baselines
 from ..calibration.calibrate import CalibrationReport
-from ..calibration.fitting import Features
+from ..calibration.folds import Features
 from ..data.features import FeatureCache
 from ..data.labelled import LabelledImages, load_labelled_data
 from ..models.modeling_clip_ensemble import CLIPEnsembleModel

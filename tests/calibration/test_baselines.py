@@ -10,7 +10,7 @@ from torch import nn
 from clip_ensemble import CLIPEnsembleModel, evaluate
 from clip_ensemble.calibration import baselines as baselines_module
 from clip_ensemble.calibration.baselines import LINEAR_PROBE, STACKING, TIP_ADAPTER, _cache_terms, fit_baselines
-from clip_ensemble.calibration.fitting import Features, cross_validation_folds
+from clip_ensemble.calibration.folds import Features, cross_validation_folds
 from clip_ensemble.cli import main
 from clip_ensemble.evaluation.report import write_report
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset

@@ -16,14 +16,8 @@ from clip_ensemble.calibration.cascade_fitting import (
     run_on_features,
     stop_margins,
 )
-from clip_ensemble.calibration.fitting import (
-    TRAIN_CLASSES,
-    Features,
-    OutOfFold,
-    cross_validation_folds,
-    fit_calibrated_gate,
-    training_view,
-)
+from clip_ensemble.calibration.fitting import fit_calibrated_gate
+from clip_ensemble.calibration.folds import TRAIN_CLASSES, Features, OutOfFold, cross_validation_folds, training_view
 from clip_ensemble.models.cascade import Cascade, cost_order
 from clip_ensemble.models.gate import EnsembleGate
 from clip_ensemble.models.modeling_clip_ensemble import CASCADE_WEIGHTS_NAME, GATE_WEIGHTS_NAME

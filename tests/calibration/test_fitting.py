@@ -1,29 +1,21 @@
-"""The fitting procedure on cached features: folds, and the choice between the gate, averaging and one backbone."""
+"""The choice between the gate, static weights, averaging and one backbone, out of fold."""
 
 import math
 
 import pytest
 import torch
-from torch import nn
 
 from clip_ensemble.calibration.fitting import (
     BEST_BACKBONE,
     GATE,
     MEAN_OF_LOGITS,
     STATIC_WEIGHTS,
-    TRAIN_CLASSES,
-    Features,
     GateChoice,
     _beats,
-    _fit_inverse_temperature,
-    _fit_log_temperature_lbfgs,
     _sign_test,
-    _static_loss_and_gradient,
-    _train_gates,
-    cross_validation_folds,
     fit_calibrated_gate,
-    training_view,
 )
+from clip_ensemble.calibration.folds import Features, cross_validation_folds
 from clip_ensemble.models.gate import EnsembleGate, combine_logits
 from clip_ensemble.tasks.synthetic import (
     averaging_task,
@@ -56,43 +48,6 @@ def test_combined_logits_are_the_weighted_sum_per_image_for_static_weights_and_s
     torch.testing.assert_close(combine_logits(logits, weights), expected)
     torch.testing.assert_close(combine_logits(logits[0], weights[0]), expected[0])
     torch.testing.assert_close(combine_logits(logits[0], weights[0, 0]), (weights[0, 0, :, None] * logits[0]).sum(-2))
-
-
-def test_training_view_keeps_the_label_first_and_every_backbones_likeliest_classes():
-    generator = torch.Generator().manual_seed(0)
-    n, num_backbones, num_classes = 40, 3, 4 * TRAIN_CLASSES
-    logits = 5 * torch.randn(n, num_backbones, num_classes, generator=generator)
-    labels = torch.randint(num_classes, (n,), generator=generator)
-    view_logits, view_labels = training_view(logits, labels)
-    assert view_logits.shape == (n, num_backbones, TRAIN_CLASSES) and bool((view_labels == 0).all())
-    torch.testing.assert_close(view_logits[:, :, 0], logits[torch.arange(n), :, labels])
-    # The classes kept are those with the best probability under some backbone (taken a few hundred images at a time).
-    best = logits.log_softmax(-1).amax(1)
-    best[torch.arange(n), labels] = math.inf
-    kept = best.topk(TRAIN_CLASSES, dim=-1).indices
-    assert torch.equal(view_logits, logits.gather(2, kept[:, None].expand(-1, num_backbones, -1)))
-    for b in range(num_backbones):  # each backbone's likeliest class is among the kept ones
-        assert torch.equal(view_logits[:, b].amax(-1), logits[:, b].amax(-1))
-    few = logits[..., :TRAIN_CLASSES], labels % TRAIN_CLASSES  # no more classes than the view holds: all of them
-    assert all(kept is given for kept, given in zip(training_view(*few), few))
-
-
-@pytest.mark.parametrize("shots", [1, 2, 3, 16])
-def test_folds_cover_every_example_once_and_are_balanced(shots):
-    labels = torch.arange(10).repeat_interleave(shots)
-    folds = cross_validation_folds(labels, num_folds=5, seed=3)
-    assert sorted(i for fold in folds for i in fold) == list(range(len(labels)))
-    sizes = [len(fold) for fold in folds]
-    assert max(sizes) - min(sizes) <= 1
-    for fold in folds:  # a class's shots are spread over folds: at 2+ shots, each held-out class is also trained on
-        held_out = labels[fold].tolist()
-        assert max(held_out.count(c) for c in set(held_out)) <= -(-shots // 5)
-    assert folds == cross_validation_folds(labels, num_folds=5, seed=3)
-
-
-def test_folds_need_two_examples():
-    with pytest.raises(ValueError, match="at least 2 labelled examples"):
-        cross_validation_folds([0], num_folds=5)
 
 
 def test_identical_backbones_keep_plain_averaging():
@@ -186,68 +141,6 @@ def test_a_chosen_gate_is_saved_in_the_gates_own_parameters():
         torch.testing.assert_close(reloaded(features.gate_inputs), gate(features.gate_inputs))
     if choice.chosen == STATIC_WEIGHTS:  # one weight per backbone: the output layer's weights stay zero
         assert not gate.fc2.weight.any()
-
-
-def _hidden_unit_moves(width: int) -> torch.Tensor:
-    """How far the gate's hidden units move on a training image in its second AdamW step (its output layer starts at
-    zero, so the first step moves only that), for three backbones of `width`-wide embeddings."""
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(4)
-    embeds = torch.nn.functional.normalize(torch.randn(4, 3, width, generator=generator), dim=-1).flatten(1)
-    features = Features(embeds, torch.randn(4, 3, 4, generator=generator), labels)
-    gate = EnsembleGate([width] * 3, hidden_size=16)
-    preactivations = []
-
-    @torch.no_grad()
-    def checkpoint(stack, step: int) -> bool:
-        preactivations.append(torch.addmm(stack.fc1_bias[0], embeds[:1], stack.fc1_weight[0]))
-        return step == 2
-
-    _train_gates(gate, features, [labels], [gate.fc2.bias.detach()], 2, seed=0, on_checkpoint=checkpoint)
-    moves = (preactivations[1] - preactivations[0]).abs().flatten()
-    return moves[moves > 0]
-
-
-def test_a_gate_step_moves_hidden_units_as_far_whatever_the_embedding_width():
-    # The learning rate is over the inputs' L1 norm: at a fixed 1e-3 they would move 0.001 with 8-wide embeddings
-    # and 7x as far with 512-wide ones.
-    narrow, wide = _hidden_unit_moves(8).median(), _hidden_unit_moves(512).median()
-    assert 0.05 < narrow < 2 and 0.05 < wide < 2
-    assert wide / narrow == pytest.approx(1, abs=0.25)
-
-
-def test_inverse_temperature_recovers_the_scale_labels_were_drawn_at():
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(4000, 5, generator=generator)
-    labels = torch.multinomial((2.5 * logits).softmax(-1), 1, generator=generator).squeeze(1)
-    assert _fit_inverse_temperature(logits, labels) == pytest.approx(2.5, rel=0.1)
-    # Logits that are always right are pushed to high confidence, but a bounded one.
-    assert 1 < _fit_inverse_temperature(torch.eye(3).repeat(4, 1), torch.arange(3).repeat(4)) <= torch.e**10
-
-
-@pytest.mark.parametrize("n, scale", [(12, 0.3), (60, 1.0), (400, 8.0)])
-def test_newtons_inverse_temperature_is_the_minimum_l_bfgs_finds(n, scale):
-    generator = torch.Generator().manual_seed(n)
-    logits = scale * torch.randn(n, 16, generator=generator)
-    labels = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
-    assert _fit_inverse_temperature(logits, labels) == pytest.approx(
-        _fit_log_temperature_lbfgs(logits, labels), rel=1e-3
-    )
-
-
-@pytest.mark.parametrize("combination", ["softplus", "softmax"])
-def test_static_weights_closed_form_gradient_is_autograds(combination):
-    generator = torch.Generator().manual_seed(0)
-    logits, labels = torch.randn(50, 3, 7, generator=generator), torch.randint(0, 7, (50,), generator=generator)
-    gate = EnsembleGate([4, 4, 4], combination=combination)
-    bias = torch.randn(3, generator=generator, requires_grad=True)
-    loss, gradient = _static_loss_and_gradient(gate, bias.detach(), logits, labels, penalty=0.03)
-    weights = gate.activate(bias)
-    expected = nn.functional.cross_entropy(combine_logits(logits, weights.expand(50, -1)), labels)
-    expected = expected + 0.03 * (weights - 1 / 3).pow(2).sum()
-    expected.backward()
-    assert float(loss) == pytest.approx(expected.item(), rel=1e-5)
-    torch.testing.assert_close(gradient, bias.grad)
 
 
 # Calibration may lose to plain averaging by at most this much top-1 on held-out data (one k-shot draw): it falls back
