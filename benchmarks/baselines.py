@@ -4,7 +4,7 @@
   seeds, beside the gate, the mean of logits and the best single backbone; every method fitted on the same k-shot
   calibration images, hyper-parameters chosen by cross-validation on them;
 - paper scale: fitting time (cross-validation included) on synthetic cached features of 9 backbones of real widths,
-  1000 classes x 16 shots (`synthetic_features` from gate_training.py), and top-1 on 4 held-out images per class.
+  1000 classes x 16 shots (`clip_ensemble.tasks.synthetic.synthetic_features`), and top-1 on 4 held-out images per class.
 
 Prints a table; `--save` also writes benchmarks/results/baselines.md.
 
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gate_training import WIDTHS, synthetic_features
 from tables import save_result
 
 from clip_ensemble import CLIPEnsembleModel, FeatureCache, calibrate, evaluate
@@ -34,6 +33,7 @@ from clip_ensemble.calibration.baselines import (
 )
 from clip_ensemble.calibration.fitting import Features
 from clip_ensemble.tasks import TOY_CLASSES, toy_backbones, toy_dataset
+from clip_ensemble.tasks.synthetic import WIDTHS, synthetic_features
 
 BASELINES = [STACKING, LINEAR_PROBE, TIP_ADAPTER]
 
