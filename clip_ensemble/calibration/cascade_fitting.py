@@ -96,11 +96,13 @@ class _Answers(NamedTuple):
 
     @classmethod
     def of(cls, stages: list[OutOfFold], full: OutOfFold) -> _Answers:
-        def rows(values: list[torch.Tensor]) -> np.ndarray:
+        def stacked(values: list[torch.Tensor]) -> np.ndarray:
             return torch.stack(values).cpu().numpy() if values else np.empty((0, len(full.predictions)))
 
         return cls(
-            rows([s.predictions for s in stages]), rows([s.margins for s in stages]), full.predictions.cpu().numpy()
+            stacked([s.predictions for s in stages]),
+            stacked([s.margins for s in stages]),
+            full.predictions.cpu().numpy(),
         )
 
     def rows(self, keep: np.ndarray) -> _Answers:
@@ -110,7 +112,7 @@ class _Answers(NamedTuple):
 def _stop_margins(answers: _Answers, risk: float) -> list[float | None]:
     """`stop_margins` on NumPy answers."""
     running = np.ones(len(answers.full_predictions), dtype=bool)
-    risk = np.float32(risk)  # rates are float32, as they were in torch
+    risk = np.float32(risk)  # compared at the rates' (and margins') float32 precision
     margins: list[float | None] = []
     for predictions, stage_margins in zip(answers.stage_predictions, answers.stage_margins):
         candidates = np.flatnonzero(running)
