@@ -16,12 +16,7 @@ from torch import nn
 
 from ..models.cascade import margins
 from ..models.gate import EnsembleGate
-from .folds import (
-    SINGLE_SPLIT_FROM,
-    CalibrationData,
-    Features,
-    OutOfFold,
-)
+from .folds import SINGLE_SPLIT_FROM, CalibrationData, Features, OutOfFold
 from .gate_training import BATCH_SIZE, WEIGHT_DECAY, cross_validate_gate, learning_rate
 from .static_fits import fit_inverse_temperature, static_logits, static_path
 
