@@ -22,7 +22,7 @@ from tables import save_result
 from clip_ensemble.backbones.hub_configs import load_hub_config
 from clip_ensemble.calibration.cascade_fitting import fit_cascade, run_on_features
 from clip_ensemble.calibration.fitting import Features, fit_calibrated_gate
-from clip_ensemble.models.gate import EnsembleGate, combine_logits
+from clip_ensemble.models.gate import EnsembleGate
 from clip_ensemble.tasks.synthetic import WIDTHS, synthetic_task
 
 
@@ -49,8 +49,8 @@ def main() -> None:
                                   names=[n.removeprefix("synthetic ") for n in task.backbone_names])  # fmt: skip
     cascade_seconds = time.perf_counter() - started
     with torch.no_grad():
-        full = combine_logits(test.logits, gate(test.gate_inputs))
-        logits, run = run_on_features(cascade, gate, test, dims)
+        full = choice.logits(gate, test)
+        logits, run = run_on_features(cascade, gate, test, dims, choice.class_head)
     costs = torch.tensor([0.0] + [gflops[b] for b in cascade.order]).cumsum(0)
     full_top1 = float((full.argmax(-1) == test.labels).float().mean())
     cascade_top1 = float((logits.argmax(-1) == test.labels).float().mean())

@@ -1,10 +1,11 @@
 """What a choice among calibration's candidates can reach, on the same evidence: choice rules replayed on recorded draws.
 
-`fit_calibrated_gate` scores four candidates out of fold (the mean of logits, the best backbone, static weights and
-the gate) and keeps one (see its `_beats`). To compare choice rules without refitting, this benchmark fits every
-k-shot draw of benchmarks/few_shot_accuracy.py once per candidate, each time with that candidate forced (the
-module's `_beats` replaced for the call, as below), and records every candidate's out-of-fold evidence (per scored
-image: right or not, cross-entropy) and each candidate's test top-1. Rules are then replayed on the records:
+`fit_calibrated_gate` scores its candidates out of fold (the mean of logits, the best backbone, static weights, the
+gate and the class head) and keeps one (see its `_beats`). This benchmark replays the first four: its saved results
+predate the class head, and in its forced runs the class head is never admitted. To compare choice rules without
+refitting, it fits every k-shot draw of benchmarks/few_shot_accuracy.py once per candidate, each time with that
+candidate forced (the module's `_beats` replaced for the call, as below), and records every candidate's out-of-fold
+evidence (per scored image: right or not, cross-entropy) and each candidate's test top-1. Rules are then replayed on the records:
 - landed: the rule `fit_calibrated_gate` runs, each candidate in turn against the one kept so far (`_beats`);
 - most hits: the candidate right most often out of fold, ties by the lower cross-entropy;
 - most hits, ties to the simplest: ties keep the simplest (mean, best backbone, static weights, gate);
@@ -34,7 +35,7 @@ from tables import save_result
 
 from clip_ensemble.calibration import fitting
 from clip_ensemble.calibration.fitting import BEST_BACKBONE, GATE, MEAN_OF_LOGITS, STATIC_WEIGHTS, Features
-from clip_ensemble.models.gate import EnsembleGate, combine_logits
+from clip_ensemble.models.gate import EnsembleGate
 from clip_ensemble.tasks.synthetic import FeatureTask
 
 RESULTS = Path(__file__).parent / "results"
@@ -64,7 +65,7 @@ def record_draw(task: FeatureTask, support: Features, test: Features, seed: int)
             fitting._beats = landed_beats
         if choice.chosen == forced:  # static weights at the infinite penalty are the mean: never offered
             with torch.no_grad():
-                combined = combine_logits(test.logits, gate(test.gate_inputs))
+                combined = choice.logits(gate, test)
             test_top1[forced] = float((combined.argmax(-1) == test.labels).float().mean())
     best = int((support.logits.argmax(-1) == support.labels[:, None]).float().mean(0).argmax())
     return {

@@ -93,18 +93,18 @@ def run_seed(task: FeatureTask, gflops: list[float], shots: int, seed: int, tole
     cascade_seconds = time.perf_counter() - started
     costs = torch.tensor([0.0] + [gflops[b] for b in cascade.order]).cumsum(0)  # after running k backbones
     with torch.no_grad():
-        full_logits = combine_logits(test.logits, gate(test.gate_inputs))
+        full_logits = choice.logits(gate, test)
         points = [{"method": name, "kind": "backbone", "top1": top1(test.logits[:, b], test.labels),
                    "gflops": gflops[b]} for b, name in enumerate(task.backbone_names)]  # fmt: skip
         points.append({"method": "full ensemble", "kind": "full", "top1": top1(full_logits, test.labels),
                        "gflops": full_gflops})  # fmt: skip
         for point in report.tradeoff:  # the whole trade-off: the same stages at every stopping rule tried
             cascade.stop_margins = point["stop_margins"]
-            logits, run = run_on_features(cascade, gate, test, dims)
+            logits, run = run_on_features(cascade, gate, test, dims, choice.class_head)
             points.append({"method": f"cascade, risk {point['risk']}", "kind": "cascade",
                            "top1": top1(logits, test.labels), "gflops": float(costs[run].mean())})  # fmt: skip
         cascade.stop_margins = report.stop_margins
-        logits, run = run_on_features(cascade, gate, test, dims)
+        logits, run = run_on_features(cascade, gate, test, dims, choice.class_head)
         points.append({"method": f"cascade, tolerance {tolerance:g} (chosen)", "kind": "cascade", "chosen": True,
                        "top1": top1(logits, test.labels), "gflops": float(costs[run].mean())})  # fmt: skip
 

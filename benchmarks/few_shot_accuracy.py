@@ -33,7 +33,7 @@ import torch
 from clip_ensemble import CLIPEnsembleModel, FeatureCache
 from clip_ensemble.calibration.baselines import LINEAR_PROBE, STACKING, TIP_ADAPTER, fit_baselines
 from clip_ensemble.calibration.fitting import Features, fit_calibrated_gate
-from clip_ensemble.models.gate import EnsembleGate, combine_logits
+from clip_ensemble.models.gate import EnsembleGate
 from clip_ensemble.tasks import TOY_CLASSES, toy_backbones, toy_dataset
 from clip_ensemble.tasks.digits import DIGIT_CLASSES, digits_backbones, digits_dataset
 from clip_ensemble.tasks.synthetic import (
@@ -122,7 +122,7 @@ def score_methods(
         choice = fit_calibrated_gate(gate, support, seed=seed)
         fit_seconds = time.perf_counter() - started
         baselines = fit_baselines(support, [e.shape[1] for e in task.pool_embeds], task.logit_scales, seed=seed)
-    top1[GATE] = float((combine_logits(logits, gate(test.gate_inputs)).argmax(-1) == labels).float().mean())
+    top1[GATE] = float((choice.logits(gate, test).argmax(-1) == labels).float().mean())
     for name, baseline in baselines.items():
         top1[name] = float((baseline.scores(test).argmax(-1) == labels).float().mean())
     top1[ORACLE] = float(correct.any(1).float().mean())

@@ -85,7 +85,7 @@ def main() -> None:
                 f"{len(pool.labels)} / {len(test.labels)}",
                 f"{100 * float(correct.float().mean(0).max()):.1f}",
                 f"{100 * float((test.logits.mean(1).argmax(-1) == test.labels).float().mean()):.1f}",
-                f"{top1(calibrated, test):.1f} ({choice.chosen})",
+                f"{100 * float((choice.logits(calibrated, test).argmax(-1) == test.labels).float().mean()):.1f} ({choice.chosen})",
                 *(f"{a:.1f}" for a in on_pool),
                 *(f"{a:.1f}" for a in on_test),
                 f"{100 * float(static_on_test.float().mean()):.1f}",

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from clip_ensemble.calibration.fitting import Features, fit_calibrated_gate
-from clip_ensemble.models.gate import EnsembleGate, combine_logits
+from clip_ensemble.models.gate import EnsembleGate
 from clip_ensemble.tasks.synthetic import WIDTHS, synthetic_task
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
 
     with torch.no_grad():
-        gate_acc = (combine_logits(test.logits, gate(test.gate_inputs)).argmax(-1) == test.labels).float().mean()
+        gate_acc = (choice.logits(gate, test).argmax(-1) == test.labels).float().mean()
     correct = test.logits.argmax(-1) == test.labels[:, None]  # (n, B)
     mean_acc = (test.logits.mean(1).argmax(-1) == test.labels).float().mean()
     rows = [

@@ -187,13 +187,19 @@ class CLIPEnsembleZeroShotPipeline(_EnsemblePipeline):
         return {}, forward, postprocess
 
     def _with_labels(self, labels: list[str], templates: list[str] | str, run):
-        """`run()` with the model switched to `labels`, then switched back (both from the model's head cache)."""
+        """`run()` with the model switched to `labels`, then switched back (both from the model's head cache). A class
+        head serves the model's own labels only: it is set aside for other labels, and put back after."""
         previous = (self.model.labels, self.model.config.templates)
+        class_head, class_head_info = self.model.class_head, self.model.config.class_head
+        if class_head is not None and list(labels) != previous[0]:
+            self.model.set_class_head(None)
         self.model.set_labels(labels, templates)
         try:
             return run()
         finally:
             self.model.set_labels(*previous)
+            if class_head is not None and self.model.class_head is None:
+                self.model.set_class_head(class_head, **class_head_info)
 
     def preprocess(self, image: ImageInput) -> dict[str, torch.Tensor]:
         return _pixel_inputs(self.model, image)

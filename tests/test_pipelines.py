@@ -19,6 +19,7 @@ from clip_ensemble import (
     evaluate,
 )
 from clip_ensemble.evaluation.evaluate_modules import CLIPEnsembleEvaluator, MeanPerClassRecall, TopKAccuracy
+from clip_ensemble.models.class_head import ClassHead
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
 
@@ -189,3 +190,34 @@ def test_a_plain_import_after_transformers_registers_the_ensemble():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("True") and "clip_ensemble" in out
+
+
+def test_pipelines_apply_a_class_head_to_its_own_labels_only(toy_backbone_dirs, test_dataset, tmp_path):
+    model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES)).eval()
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(sum(model.embed_dims), 4, generator=generator)).Q
+    head = ClassHead.of(basis, 5 * torch.randn(len(TOY_CLASSES), 4, generator=generator), torch.zeros(len(TOY_CLASSES)))
+    model.set_class_head(head, penalty=0.01)
+    image = test_dataset[0]["image"]
+    with torch.no_grad():
+        output = model(images=[image])
+    probabilities = output.logits.softmax(-1)[0]
+    correction = output.logits - output.per_backbone_logits.mean(1)  # the gate is still the mean of logits
+    torch.testing.assert_close(correction, head(torch.cat(output.image_embeds, -1)))
+    assert correction.abs().max() > 1
+    top = CLIPEnsemblePipeline(model)(image, top_k=6)
+    assert {p["label"]: p["score"] for p in top} == pytest.approx(dict(zip(TOY_CLASSES, probabilities.tolist())))
+    model.save_pretrained(tmp_path)
+    loaded = pipeline("image-classification", model=str(tmp_path), pipeline_class=CLIPEnsemblePipeline)
+    assert {p["label"]: p["score"] for p in loaded(image, top_k=6)} == pytest.approx(
+        {p["label"]: p["score"] for p in top}
+    )
+
+    zero_shot = CLIPEnsembleZeroShotPipeline(model=model)
+    subset = ["teal", "blue", "green"]
+    plain = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=subset).eval()
+    expected = {p["label"]: p["score"] for p in plain.classify([image], top_k=3)[0]}
+    assert {e["label"]: e["score"] for e in zero_shot(image, candidate_labels=subset)} == pytest.approx(expected)
+    assert model.class_head is head and model.config.class_head == {"penalty": 0.01, "rank": 4}  # put back
+    own = zero_shot(image, candidate_labels=list(TOY_CLASSES))
+    assert {e["label"]: e["score"] for e in own} == pytest.approx(dict(zip(TOY_CLASSES, probabilities.tolist())))

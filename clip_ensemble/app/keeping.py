@@ -63,6 +63,11 @@ class GateKeeping:
                 payload["gate"]["cascade_weights"] = base64.b64encode(
                     save_safetensors(session.cascade_weights)
                 ).decode()
+            if session.class_head is not None:
+                payload["gate"]["class_head"] = session.class_head
+                payload["gate"]["class_head_weights"] = base64.b64encode(
+                    save_safetensors(session.class_head_weights)
+                ).decode()
         return payload
 
     def from_browser(self, payload) -> tuple[SessionGate, str | None, str]:
@@ -84,24 +89,26 @@ class GateKeeping:
                     "labels": kept.get("labels"),
                     "calibration": kept.get("calibration"),
                     "cascade": kept.get("cascade"),
+                    "class_head": kept.get("class_head"),
                 },
                 base64.b64decode(kept.get("weights") or ""),
                 base64.b64decode(kept["cascade_weights"]) if kept.get("cascade_weights") else None,
                 "this browser",
+                base64.b64decode(kept["class_head_weights"]) if kept.get("class_head_weights") else None,
             )
-            weights, cascade, cascade_weights = check_fits(
-                saved, self.model.config, self._initial_gate, _FIX, "the gate kept in this browser"
-            )
+            fitting = check_fits(saved, self.model.config, self._initial_gate, _FIX, "the gate kept in this browser")
         except (ValueError, TypeError) as error:
             return SessionGate(), labels_text, f"The gate kept in this browser could not be restored: {error}"
         gate = SessionGate(
-            weights,
+            fitting.weights,
             saved.calibration,
             str(kept.get("report") or ""),
             labels=saved.labels,
             source=str(kept.get("source") or ""),
-            cascade=cascade,
-            cascade_weights=cascade_weights,
+            cascade=fitting.cascade,
+            cascade_weights=fitting.cascade_weights,
+            class_head=saved.class_head,
+            class_head_weights=fitting.class_head_weights,
         )
         return gate, labels_text, ""
 
@@ -141,17 +148,19 @@ class GateKeeping:
             raise ValueError(
                 "Upload the downloaded gate zip (or its config.json and gate.safetensors), or give a Hub repo id."
             )
-        weights, cascade, cascade_weights = check_fits(saved, self.model.config, self._initial_gate, _FIX)
+        fitting = check_fits(saved, self.model.config, self._initial_gate, _FIX)
         calibration = saved.calibration
         report = recorded_verdict(calibration) + f"\n\nGate {source}."
         return SessionGate(
-            weights,
+            fitting.weights,
             calibration,
             report,
             labels=saved.labels,
             source=source,
-            cascade=cascade,
-            cascade_weights=cascade_weights,
+            cascade=fitting.cascade,
+            cascade_weights=fitting.cascade_weights,
+            class_head=saved.class_head,
+            class_head_weights=fitting.class_head_weights,
         )
 
     def _require_calibrated(self, session: SessionGate) -> None:
@@ -176,7 +185,8 @@ class GateKeeping:
             notes.append(
                 f"- This gate was calibrated on the labels {', '.join(session.labels)} (saved as its labels, with "
                 f"their calibration figures). In the app it was last used with other labels: {', '.join(current)}; "
-                "the gate weighs backbones, not labels, so `model.set_labels([...])` serves any label set."
+                "the gate weighs backbones, not labels, so `model.set_labels([...])` serves any label set (a class head, "
+                "if calibration kept one, serves its own labels only)."
             )
         if self.local_backbones:
             notes.append(
@@ -189,7 +199,7 @@ class GateKeeping:
             card.write_text(card.read_text() + "\n## Notes from the app\n\n" + "\n".join(notes) + "\n")
 
     def save_zip(self, session: SessionGate, labels_text: str, directory: str | Path) -> Path:
-        """`directory/clip-ensemble-gate.zip`: the saved folder (config.json, gate.safetensors, README.md), which
+        """`directory/clip-ensemble-gate.zip`: the saved folder (config.json, the weights, README.md), which
         `CLIPEnsembleModel.from_pretrained` loads once unzipped and the app's "Load a gate" takes back."""
         self._require_calibrated(session)
         folder = Path(directory) / GATE_FOLDER

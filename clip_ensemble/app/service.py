@@ -33,11 +33,12 @@ from ..calibration.cascade_fitting import images_to_show_a_saving
 from ..data.features import FeatureCache
 from ..data.labelled import LabelledImages, from_lists, load_labelled_data, sample_few_shot
 from ..evaluation.evaluate import EvaluationReport, align_labels, evaluate_embeddings
+from ..models.class_head import ClassHead
 from ..models.modeling_clip_ensemble import CLIPEnsembleModel
 from ..models.processing_clip_ensemble import ImageInput, load_image, too_large
 from ..sources import HubUnreachable
 from .keeping import GateKeeping
-from .sessions import SessionGate
+from .sessions import SessionGate, same_labels
 from .uploads import (
     MAX_EVAL_IMAGES,
     MAX_HUB_IMAGES,
@@ -156,7 +157,15 @@ class SharedEnsemble(GateKeeping):
                 cascade = model._cascade_from_config(session.cascade)
                 cascade.load_state_dict(session.cascade_weights)
                 model.set_cascade(cascade, **session.cascade)
+            model.set_class_head(None)
             model.set_labels(labels)
+            if session.class_head is not None and same_labels(session.labels, model.config.labels):
+                # The head's rows follow the labels it was calibrated on; the session may list them in another order.
+                rows = [session.labels.index(label) for label in model.config.labels]
+                weights = session.class_head_weights
+                head = ClassHead(weights["basis"].shape[0], session.class_head["rank"], len(rows))
+                head.load_state_dict({**weights, "weight": weights["weight"][rows], "bias": weights["bias"][rows]})
+                model.set_class_head(head, **session.class_head)
             _trim_heads(model)
             yield model
 
@@ -212,13 +221,22 @@ class SharedEnsemble(GateKeeping):
             weights, calibration = _state_copy(model.gate), dict(model.config.calibration)
             cascade = copy.deepcopy(model.config.cascade)
             cascade_weights = None if model.cascade is None else _state_copy(model.cascade)
+            class_head = copy.deepcopy(model.config.class_head)
+            class_head_weights = None if model.class_head is None else _state_copy(model.class_head)
             _trim_heads(model)
         # The backbones ran before the lock; count that work in the report.
         report.feature_seconds += seconds
         report.images_embedded = computed
         text = "\n\n".join([calibration_verdict(report), *notes, "Details:\n" + str(report)])
         return SessionGate(
-            weights, calibration, text, labels=list(data.label_names), cascade=cascade, cascade_weights=cascade_weights
+            weights,
+            calibration,
+            text,
+            labels=list(data.label_names),
+            cascade=cascade,
+            cascade_weights=cascade_weights,
+            class_head=class_head,
+            class_head_weights=class_head_weights,
         )
 
     def upload_summary(self, labels_text: str, uploads: Sequence[Sequence[str | Path] | None]) -> str:

@@ -28,6 +28,8 @@ class SessionGate:
     expired: str = ""  # for an uncalibrated gate: why this session's gate is gone
     cascade: dict | None = None  # a loaded gate's cascade: its `config.cascade` entry (order, stop margins, ...)
     cascade_weights: dict[str, torch.Tensor] | None = None  # and its gates' state_dict
+    class_head: dict | None = None  # a class head calibration kept: its `config.class_head` entry (rank, penalty)
+    class_head_weights: dict[str, torch.Tensor] | None = None  # and its state_dict, rows in `labels`' order
 
     @property
     def calibrated(self) -> bool:
@@ -65,6 +67,8 @@ class SessionGate:
                 "(the gate weighs backbones, not labels, so it carries over; its calibration figures are for its own "
                 "labels)."
             )
+            if self.class_head is not None:
+                text += " Its class head corrects those labels only, so it is left out for these."
         return text
 
 

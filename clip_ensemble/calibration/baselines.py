@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..models.gate import combine_logits
+from .class_head_fits import HEAD_PENALTIES, HEAD_RANK, head_path
 from .folds import Features, cross_validation_folds
 
 STACKING = "stacking (static weights)"
@@ -33,17 +34,15 @@ TIP_ADAPTER = "Tip-Adapter"
 # Penalty on the squared distance of the weights from equal weights 1/B, strongest first (each fit starts from the
 # last); an infinite penalty keeps equal weights, i.e. the mean of logits.
 STACKING_PENALTIES = (math.inf, 10.0, 1.0, 0.1, 0.0)
-# L2 penalty on the probe's correction of the zero-shot heads, strongest first (each fit starts from the last);
-# an infinite penalty keeps no correction, i.e. the mean of logits.
-PROBE_PENALTIES = (math.inf, 1e-1, 1e-2, 1e-3, 1e-4)
-# The probe's correction lives in the top principal directions of the support embeddings: at paper scale
-# (sum of widths 6528, 1000 classes) a full-width probe takes minutes per fit on a CPU.
-PROBE_RANK = 256
+# The probe's L2 penalties (each fit from the last, infinite: the mean of logits) and the most directions of the
+# embeddings it corrects in, as for a class head.
+PROBE_PENALTIES = HEAD_PENALTIES
+PROBE_RANK = HEAD_RANK
 # Tip-Adapter's grid, in the paper's style but covering the ranges it searched over all its datasets (beta up to
 # 7 on ImageNet, 12-50 on others; alpha up to 3 on ImageNet, 10-50 on others). Alpha 0 is the zero-shot ensemble.
 TIP_BETAS = (1.0, 2.0, 3.5, 5.5, 8.0, 12.0)
 TIP_ALPHAS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0)
-_MAX_ITER = 30  # L-BFGS iterations per fit
+_MAX_ITER = 30  # L-BFGS iterations per stacking fit
 _CHUNK = 1024  # query rows per Tip-Adapter affinity block
 
 
@@ -172,22 +171,7 @@ def _probe_paths(
     concatenated embeddings whose heads start at (and an L2 penalty pulls them back to) the mean of logits' heads.
     """
     x = train.gate_inputs if basis is None else train.gate_inputs @ basis  # (n, r)
-    anchor = train.logits.mean(1)  # (n, C)
-    weight = torch.zeros(anchor.shape[1], x.shape[1], requires_grad=True)
-    bias = torch.zeros(anchor.shape[1], requires_grad=True)
-    fitted = []
-    for penalty in penalties:
-
-        def loss(penalty: float = penalty) -> torch.Tensor:
-            scores = torch.addmm(anchor + bias, x, weight.T)
-            return nn.functional.cross_entropy(scores, train.labels) + 0.5 * penalty * (
-                weight.pow(2).sum() + bias.pow(2).sum()
-            )
-
-        if not math.isinf(penalty):
-            _lbfgs([weight, bias], loss)
-        fitted.append((weight.detach().clone(), bias.detach().clone()))
-    return fitted
+    return head_path(x, train.logits.mean(1), train.labels, penalties)
 
 
 def _probe_scores(features: Features, basis: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor):

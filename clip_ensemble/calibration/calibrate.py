@@ -12,11 +12,11 @@ from tqdm.auto import tqdm
 
 from ..data.features import FeatureCache
 from ..data.labelled import LabelledImages, load_labelled_data, sample_few_shot
-from ..models.gate import combine_logits
 from ..models.modeling_clip_ensemble import CLIPEnsembleModel
 from .cascade_fitting import CHART_TOLERANCES, CascadeReport, fit_cascade
 from .fitting import (
     BEST_BACKBONE,
+    CLASS_HEAD,
     GATE,
     MEAN_OF_LOGITS,
     STATIC_WEIGHTS,
@@ -32,6 +32,7 @@ _WHAT = {
     BEST_BACKBONE: "the best backbone alone ({best})",
     STATIC_WEIGHTS: "static weights (one learned weight per backbone, the same for every image)",
     GATE: "the gate (a learned weight per backbone for each image)",
+    CLASS_HEAD: "a class head on static weights (a learned correction per class, read from the image embeddings)",
 }
 
 
@@ -40,7 +41,7 @@ def describe_choice(
 ) -> str:
     """What calibration kept and why, from its cross-validated top-1 (mean and spread over folds, per candidate):
     the words of the report, the app and the model card, for a gate just calibrated or loaded from its record."""
-    names = [name for name in (MEAN_OF_LOGITS, BEST_BACKBONE, STATIC_WEIGHTS, GATE) if name in accuracy]
+    names = [name for name in (MEAN_OF_LOGITS, BEST_BACKBONE, STATIC_WEIGHTS, GATE, CLASS_HEAD) if name in accuracy]
 
     def score(name: str) -> str:
         return f"{100 * accuracy[name]:.1f}%" + (f" (± {100 * spread[name]:.1f})" if name in (spread or {}) else "")
@@ -59,24 +60,24 @@ def describe_choice(
     )
     return (
         f"Kept {_WHAT[chosen].format(best=best_backbone) if chosen in _WHAT else chosen}.{evidence} A richer "
-        "combination is kept only when right more often out of fold: the best backbone and the gate by more than one "
-        "standard error (the gate also when as often and clearly more confidently); static weights, whose penalty "
-        "cross-validation chose, when right more often, or as often and more confidently (a lower held-out "
-        "cross-entropy)."
+        "combination is kept only when right more often out of fold: the best backbone, the gate and the class head by "
+        "more than one standard error (the gate and the class head also when as often and clearly more confidently); "
+        "static weights, whose penalty cross-validation chose, when right more often, or as often and more confidently "
+        "(a lower held-out cross-entropy)."
     )
 
 
 @dataclass
 class CalibrationReport:
     """What a calibration chose and why: the cross-validated top-1 (mean and spread over folds) and cross-entropy,
-    which the choice compares, of the gate, of static per-backbone weights, of the mean of logits and of the best
-    backbone on the calibration images, and how long it took."""
+    which the choice compares, of the gate, of a class head, of static per-backbone weights, of the mean of logits and
+    of the best backbone on the calibration images, and how long it took."""
 
     dataset: str
     shots: int
     seed: int
     num_images: int
-    chosen: str  # "gate", "static weights", "mean of logits" or "best backbone"
+    chosen: str  # "gate", "class head", "static weights", "mean of logits" or "best backbone"
     cv_loss: dict[str, float]  # candidate -> mean cross-entropy on the folds' held-out parts
     cv_accuracy: dict[str, float]  # candidate -> mean top-1 over the folds' held-out parts
     cv_spread: dict[str, float]  # candidate -> standard deviation of that top-1 over folds
@@ -189,13 +190,16 @@ def calibrate(
     with _fit_progress(progress) as report_progress:
         choice = fit_calibrated_gate(model.gate, features, seed=seed, progress=report_progress)
     gate_seconds = time.perf_counter() - started
+    model.set_class_head(None)  # a head from an earlier calibration would be for other labels or another gate
+    if choice.class_head is not None:
+        model.set_class_head(choice.class_head, penalty=choice.settings["penalty"])
     cascade = None
     model.set_cascade(None)
     if cascade_tolerance is not None:
         cascade = _fit_cascade(model, features, choice, cascade_tolerance, seed)
 
     with torch.no_grad():
-        final = combine_logits(per_backbone_logits, model.gate(features.gate_inputs))
+        final = model.combined_logits(per_backbone_logits, model.gate(features.gate_inputs), [features.gate_inputs])
     names = model.config.backbone_names
     backbone_accuracy = (per_backbone_logits.argmax(-1) == labels[:, None]).float().mean(0).tolist()
     report = CalibrationReport(

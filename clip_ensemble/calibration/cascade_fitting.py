@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..models.cascade import Cascade, cost_order
+from ..models.class_head import ClassHead
 from ..models.gate import EnsembleGate, combine_logits
 from .fitting import fit_calibrated_gate
 from .folds import TRAIN_CLASSES, CalibrationData, Features, OutOfFold, calibration_folds, cross_validation_folds
@@ -253,12 +254,19 @@ def _stage_training_views(
 
 @torch.no_grad()
 def run_on_features(
-    cascade: Cascade, gate: EnsembleGate, features: Features, embed_dims: list[int]
+    cascade: Cascade,
+    gate: EnsembleGate,
+    features: Features,
+    embed_dims: list[int],
+    class_head: ClassHead | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The cascade on cached features (every backbone's embeddings known, as in a benchmark): (n, C) the logits each
-    image ends with, and (n,) how many backbones of `cascade.order` it ran. `gate` is the full ensemble's."""
+    image ends with, and (n,) how many backbones of `cascade.order` it ran. `gate` (and `class_head`, if calibration
+    kept one) are the full ensemble's, which the images that run every backbone end with."""
     order, n = cascade.order, len(features.labels)
     logits = combine_logits(features.logits, gate(features.gate_inputs))
+    if class_head is not None:
+        logits += class_head(features.gate_inputs)
     run = torch.full((n,), len(order), device=logits.device)
     running = torch.ones(n, dtype=torch.bool, device=logits.device)
     for k in range(len(order) - 1):

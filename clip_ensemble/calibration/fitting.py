@@ -1,7 +1,7 @@
-"""The choice that calibration makes from the calibration data alone, between the gate, static per-backbone
-weights, the mean of logits and the best backbone, each scored out of fold (`fit_calibrated_gate`). The folds and what
-is read from the logits are in `folds`, the small full-batch fits in `static_fits`, the gate's training in
-`gate_training`."""
+"""The choice that calibration makes from the calibration data alone, between the gate, a class head on static
+weights, static per-backbone weights, the mean of logits and the best backbone, each scored out of fold
+(`fit_calibrated_gate`). The folds and what is read from the logits are in `folds`, the small full-batch fits in
+`static_fits` and `class_head_fits`, the gate's training in `gate_training`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from ..models.cascade import margins
-from ..models.gate import EnsembleGate
+from ..models.class_head import ClassHead
+from ..models.gate import EnsembleGate, combine_logits
+from .class_head_fits import HEAD_PENALTIES, HEAD_RANK, head_basis, head_path
 from .folds import SINGLE_SPLIT_FROM, CalibrationData, Features, OutOfFold
 from .gate_training import BATCH_SIZE, WEIGHT_DECAY, cross_validate_gate, learning_rate
 from .static_fits import fit_inverse_temperature, static_logits, static_path
@@ -32,6 +34,7 @@ MEAN_OF_LOGITS = "mean of logits"
 BEST_BACKBONE = "best backbone"
 STATIC_WEIGHTS = "static weights"
 GATE = "gate"
+CLASS_HEAD = "class head"
 
 # Static weights: softplus(b) per backbone (the gate's output bias, its output weights zero), fitted to convergence
 # by full-batch L-BFGS on cross-entropy + penalty * ||weights - 1/B||^2. The penalty is chosen by cross-validation
@@ -41,6 +44,9 @@ STATIC_PENALTIES = (math.inf, 1.0, 0.03, 0.001)
 # The best backbone or the gate replaces a simpler candidate when right more often out of fold by this many standard
 # errors, tested exactly (see `_beats`).
 MIN_WIN_Z = 1.0
+# The class head is a candidate while one evaluation of its loss costs at most this many multiply-adds (examples x
+# classes x rank): at paper scale (16,000 images, 1,000 classes, rank 256: 4e9) its fits would take minutes on a CPU.
+CLASS_HEAD_MAX_MACS = 2**26
 
 
 class _ScoredAnswers(NamedTuple):
@@ -77,7 +83,7 @@ class GateChoice:
     candidates' confidence (an inverse temperature) too.
     """
 
-    chosen: str  # GATE, STATIC_WEIGHTS, MEAN_OF_LOGITS or BEST_BACKBONE
+    chosen: str  # GATE, CLASS_HEAD, STATIC_WEIGHTS, MEAN_OF_LOGITS or BEST_BACKBONE
     cv_loss: dict[str, float]
     cv_accuracy: dict[str, float]
     cv_spread: dict[str, float]
@@ -86,6 +92,15 @@ class GateChoice:
     best_backbone: int = 0  # index of the backbone with the best top-1 on all calibration examples
     # The chosen candidate's answers out of fold, from which the cascade fits its stopping rule.
     out_of_fold: OutOfFold | None = field(default=None, repr=False, compare=False)
+    # With CLASS_HEAD chosen, the head to add to the gate's combination (its static weights).
+    class_head: ClassHead | None = field(default=None, repr=False, compare=False)
+
+    @torch.no_grad()
+    def logits(self, gate: EnsembleGate, features: Features) -> torch.Tensor:
+        """(n, C) logits of what was kept, for `features` of other images: `gate`'s combination (the gate fitted with
+        this choice), plus the class head's correction when one was kept."""
+        combined = combine_logits(features.logits, gate(features.gate_inputs))
+        return combined if self.class_head is None else combined + self.class_head(features.gate_inputs)
 
 
 def set_best_backbone(gate: EnsembleGate, backbone: int) -> None:
@@ -126,15 +141,15 @@ def _beats(
       has little room to fit noise; asking for more evidence as well kept the mean of logits where one backbone
       leads by under two points (the few-shot benchmark's leading-20 at 4 shots: 90.4% without that hurdle; 89.8%
       with it, in a one-off run on the same draws).
-    - The best backbone and the gate: right more often by more than `MIN_WIN_Z` standard errors of the count of
-      images they disagree on: one image more out of twenty is not evidence. The test is McNemar's, exact
-      (`_sign_test`): with a handful of disagreements the normal approximation let 2 wins to none, or 3 to 1, pass
-      as one standard error (z = 1.41, 1.00), where the chance of as many by luck is 25% and 31%, not 16%. The best
-      backbone, one discrete pick that drops the other backbones, is judged by its answers alone: its cross-entropy,
-      from the few images a single backbone gets wrong, says little about the images it has not seen. The gate, which
-      contains the incumbent (the mean of logits or static weights: its starting point) and has thousands of weights,
-      may also win by cross-entropy: lower by more than one standard error of the paired difference while right at
-      least as often, as a richer model is judged by its likelihood as well as its answers.
+    - The best backbone, the gate and the class head: right more often by more than `MIN_WIN_Z` standard errors of
+      the count of images they disagree on: one image more out of twenty is not evidence. The test is McNemar's,
+      exact (`_sign_test`): with a handful of disagreements the normal approximation let 2 wins to none, or 3 to 1,
+      pass as one standard error (z = 1.41, 1.00), where the chance of as many by luck is 25% and 31%, not 16%. The
+      best backbone, one discrete pick that drops the other backbones, is judged by its answers alone: its
+      cross-entropy, from the few images a single backbone gets wrong, says little about the images it has not seen.
+      The gate and the class head, which contain the static weights (their starting point) and have thousands of
+      weights, may also win by cross-entropy: lower by more than one standard error of the paired difference while
+      right at least as often, as a richer model is judged by its likelihood as well as its answers.
     """
     wins = int((correct & ~incumbent_correct).sum())
     losses = int((incumbent_correct & ~correct).sum())
@@ -142,7 +157,7 @@ def _beats(
         return wins > losses or (wins == losses and bool(loss.mean() < incumbent_loss.mean()))
     if wins > losses and _sign_test(wins, losses) < 0.5 * math.erfc(MIN_WIN_Z / math.sqrt(2)):
         return True
-    if wins < losses or challenger != GATE:
+    if wins < losses or challenger not in (GATE, CLASS_HEAD):
         return False
     gain = incumbent_loss - loss
     return bool(gain.mean() > gain.std(correction=0) / math.sqrt(len(gain)))
@@ -168,14 +183,18 @@ def fit_calibrated_gate(
        out-of-fold hits, ties by cross-entropy);
     4. the gate, whose weights depend on the image, trained by AdamW from those static weights for a number of steps
        that cross-validation chooses (the lowest out-of-fold cross-entropy); not with `per_image=False` (a cascade's
-       stages: no training run, and no hidden layer to run for an image).
+       stages: no training run, and no hidden layer to run for an image);
+    5. a class head on those static weights: a per-class correction of their logits, linear in the embeddings
+       (`clip_ensemble.models.class_head`), fitted by L-BFGS with an L2 penalty that cross-validation chooses; with
+       `per_image`, and while its fits are cheap (`CLASS_HEAD_MAX_MACS`). It can move one class against another,
+       which no weighing of backbones can, where the zero-shot heads themselves are off.
     The best backbone is chosen on each fold's training part; averaging and the best backbone are scored at an
     inverse temperature fitted there. Each candidate in turn replaces the one kept so far when it beats it out of
-    fold (see `_beats`): the best backbone and the gate when right more often by more than one standard error (an
-    exact McNemar test at the level of z = `MIN_WIN_Z`), the gate also when its cross-entropy is lower by more than
-    one standard error and it is right at least as often; static weights, whose penalty cross-validation has already weighed against the
-    mean of logits, when right more often, or as often with a lower cross-entropy. The chosen candidate is refitted
-    on all the examples. From `SINGLE_SPLIT_FROM` examples on, one held-out quarter is scored instead of k folds, and
+    fold (see `_beats`): the best backbone, the gate and the class head when right more often by more than one
+    standard error (an exact McNemar test at the level of z = `MIN_WIN_Z`), the gate and the class head also when
+    their cross-entropy is lower by more than one standard error and they are right at least as often; static
+    weights, whose penalty cross-validation has already weighed against the mean of logits, when right more often, or
+    as often with a lower cross-entropy. The chosen candidate is refitted on all the examples. From `SINGLE_SPLIT_FROM` examples on, one held-out quarter is scored instead of k folds, and
     a chosen gate is the one trained on the other three quarters.
     The chosen candidate's out-of-fold answers come back in `GateChoice.out_of_fold` (the cascade fits its stopping
     rule on them). `progress(fraction, description)` hears of each fold's static weights and of the gate's training
@@ -247,21 +266,51 @@ def fit_calibrated_gate(
             starts,
             seed=seed,
             keep=(0, starts[0]) if single_split else (len(folds), static_bias),
-            progress=lambda fraction, what: progress(0.1 + 0.9 * fraction, f"The gate, cross-validated: {what}"),
+            progress=lambda fraction, what: progress(0.1 + 0.8 * fraction, f"The gate, cross-validated: {what}"),
         )
         steps = min(gate_path.reached, key=lambda s: float(gate_path.losses[s].mean()))  # ties: the shortest
         out_of_fold[GATE] = OutOfFold(scored, gate_path.predictions[steps], gate_path.margins[steps])
         losses[GATE] = gate_path.losses[steps]
 
+    # The class head, on each fold's chosen static weights, in the directions of every calibration embedding (read
+    # without labels, so the held-out folds' too).
+    num_classes = features.logits.shape[-1] if per_image else 0
+    head_index = 0
+    if per_image and n * num_classes * min(n, features.gate_inputs.shape[1], HEAD_RANK) <= CLASS_HEAD_MAX_MACS:
+        basis = head_basis(features.gate_inputs, seed)
+        head_inputs = features.gate_inputs @ basis  # (n, r)
+        head_answers = [_ScoredAnswers.empty(len(scored), device) for _ in HEAD_PENALTIES]
+        for f, (fold, train, fold_logits) in enumerate(zip(fold_index, trains, data.held_out_logits)):
+            progress(0.9 + 0.1 * f / len(folds), f"Class head: fold {f + 1} of {len(folds)}")
+            with torch.no_grad():  # (n_train, C) and (m_f, C) logits under the fold's static weights
+                anchor = static_logits(gate, static_paths[f][static_index], features.logits[train])
+                held_out_anchor = static_logits(gate, static_paths[f][static_index], fold_logits)
+            for head_fold, (weight, bias) in zip(
+                head_answers, head_path(head_inputs[train], anchor, labels[train], HEAD_PENALTIES)
+            ):
+                head_logits = torch.addmm(held_out_anchor + bias, head_inputs[fold], weight.T)
+                head_fold.record(row[fold], head_logits, labels[fold])
+        head_index = _pick(
+            torch.stack([a.predictions for a in head_answers]) == scored_labels,
+            torch.stack([a.losses for a in head_answers]),
+        )
+        kept_head = head_answers[head_index]
+        out_of_fold[CLASS_HEAD] = OutOfFold(scored, kept_head.predictions, kept_head.margins)
+        losses[CLASS_HEAD] = kept_head.losses
+
     correct = {name: answers.predictions == scored_labels for name, answers in out_of_fold.items()}
     chosen = MEAN_OF_LOGITS
-    # At the infinite penalty static weights are the mean of logits: no challenger.
-    for name in (BEST_BACKBONE, *([STATIC_WEIGHTS] if static_index > 0 else []), *([GATE] if per_image else [])):
+    # At an infinite penalty static weights are the mean of logits, and the class head is the static weights: no
+    # challenger then.
+    same = {STATIC_WEIGHTS} if static_index == 0 else set()
+    same |= {CLASS_HEAD} if head_index == 0 else set()
+    for name in (c for c in (BEST_BACKBONE, STATIC_WEIGHTS, GATE, CLASS_HEAD) if c in out_of_fold and c not in same):
         if _beats(name, correct[name], correct[chosen], losses[name], losses[chosen]):
             chosen = name
 
     settings: dict = {}
-    if chosen == STATIC_WEIGHTS:
+    class_head = None
+    if chosen in (STATIC_WEIGHTS, CLASS_HEAD):
         static_bias = static_bias_on_everything() if static_bias is None else static_bias
         with torch.random.fork_rng(devices=[]):  # the unused hidden layer too is the same for a seed
             torch.manual_seed(seed)
@@ -269,6 +318,13 @@ def fit_calibrated_gate(
         with torch.no_grad():
             gate.fc2.bias.copy_(static_bias)
         settings = {"optimizer": "L-BFGS", "penalty": STATIC_PENALTIES[static_index]}
+        if chosen == CLASS_HEAD:  # on the static weights just set, fitted on all the examples
+            with torch.no_grad():
+                anchor = static_logits(gate, static_bias, features.logits)
+            weight, bias = head_path(head_inputs, anchor, labels, HEAD_PENALTIES[: head_index + 1])[-1]
+            class_head = ClassHead.of(basis, weight, bias)
+            settings = {"optimizer": "L-BFGS", "static_penalty": settings["penalty"]}
+            settings |= {"penalty": HEAD_PENALTIES[head_index], "rank": class_head.rank}
     elif chosen == GATE:
         settings = {"optimizer": "AdamW", "steps": steps, "lr": round(learning_rate(features.gate_inputs), 6)}
         settings["weight_decay"] = WEIGHT_DECAY
@@ -294,12 +350,14 @@ def fit_calibrated_gate(
         settings=settings,
         best_backbone=best,
         out_of_fold=out_of_fold[chosen],
+        class_head=class_head,
     )
 
 
 # Besides its own names, the types of `fit_calibrated_gate`'s arguments and answers.
 __all__ = [
     "BEST_BACKBONE",
+    "CLASS_HEAD",
     "CalibrationData",
     "Features",
     "FitProgress",

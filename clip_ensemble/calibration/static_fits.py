@@ -67,11 +67,21 @@ def fit_log_temperature_lbfgs(logits: torch.Tensor, labels: torch.Tensor) -> flo
     return float(log_t.detach().clamp(-10, 10).exp())
 
 
-def lbfgs_with_gradient(parameter: torch.Tensor, loss_and_gradient: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
-    """Full-batch L-BFGS (at most `MAX_ITER` iterations) on `parameter`, updated in place; `loss_and_gradient()` gives
-    the loss at its current value and the gradient in it."""
+def lbfgs_with_gradient(
+    parameter: torch.Tensor,
+    loss_and_gradient: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    max_iter: int = MAX_ITER,
+    tolerance_grad: float = 1e-5,
+    tolerance_change: float = 1e-6,
+):
+    """Full-batch L-BFGS (at most `max_iter` iterations, strong Wolfe line search) on `parameter`, updated in place;
+    `loss_and_gradient()` gives the loss at its current value and the gradient in it."""
     optimizer = torch.optim.LBFGS(
-        [parameter], max_iter=MAX_ITER, tolerance_grad=1e-5, tolerance_change=1e-6, line_search_fn="strong_wolfe"
+        [parameter],
+        max_iter=max_iter,
+        tolerance_grad=tolerance_grad,
+        tolerance_change=tolerance_change,
+        line_search_fn="strong_wolfe",
     )
 
     def closure() -> torch.Tensor:

@@ -63,6 +63,11 @@ class CLIPEnsembleConfig(PretrainedConfig):
             which an image stops there; `None` where none stops) and what its fitting estimated (`tolerance`,
             `mean_gflops`, ...). Its gates are saved in `cascade.safetensors`. `None` (the default) runs every
             backbone on every image.
+        class_head (`dict`, *optional*):
+            A per-class correction of the combined logits that calibration kept (see
+            `clip_ensemble.models.class_head.ClassHead`): its `rank` and how it was fitted (`penalty`). Its weights
+            are saved in `class_head.safetensors`; it holds one row per label, so it serves these labels only.
+            `None` (the default): the gate's combination alone.
 
     Example:
 
@@ -87,6 +92,7 @@ class CLIPEnsembleConfig(PretrainedConfig):
     combination: str = "softplus"
     calibration: dict | None = None
     cascade: dict | None = None
+    class_head: dict | None = None
 
     def __post_init__(self, **kwargs):
         # id2label / label2id always follow `labels`; saved copies of them are redundant.
@@ -133,6 +139,13 @@ class CLIPEnsembleConfig(PretrainedConfig):
             raise ValueError(f"gate_hidden_size={self.gate_hidden_size!r} must be a positive int.")
         if self.cascade is not None:
             self._validate_cascade()
+        if self.class_head is not None:
+            rank = self.class_head.get("rank") if isinstance(self.class_head, dict) else None
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise ValueError(
+                    f"class_head={self.class_head!r} needs a positive int 'rank'; calibration writes it, or set "
+                    "class_head=None for the gate's combination alone."
+                )
 
     def _validate_cascade(self) -> None:
         cascade = self.cascade

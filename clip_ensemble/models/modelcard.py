@@ -125,6 +125,13 @@ def build_model_card(
     if len(config.labels) > _MAX_LABELS_SHOWN:
         labels += f", ... ({len(config.labels) - _MAX_LABELS_SHOWN} more)"
     templates = config.templates if isinstance(config.templates, str) else f"{len(config.templates)} custom"
+    class_head = (
+        f" Class head (`class_head.safetensors`): calibration kept a per-class correction of the combined logits, "
+        f"linear in the image embeddings (rank {config.class_head['rank']}); it serves these labels and templates "
+        "only, and `model.set_labels` drops it for others."
+        if config.class_head is not None
+        else ""
+    )
     if config.calibration:
         calibration = "\n".join(_calibration_rows(config.calibration))
         calibration = f"| | |\n|---|---|\n{calibration}"
@@ -150,7 +157,8 @@ def build_model_card(
 
 An adaptive ensemble of CLIP backbones made with clip-ensemble, after "Synergy and Diversity in CLIP" (arXiv:2405.17139). Each backbone classifies zero-shot with its own text
 tower; a small gate reads every backbone's image embedding and weighs each backbone's logits per image. This
-repo holds only the gate and its config: the backbones load from their own repos.
+repo holds only the gate (with what calibration kept beside it) and its config: the backbones load from their
+own repos.
 
 ## Backbones
 
@@ -165,7 +173,7 @@ GFLOPs: forward pass of the image tower on one image at its input size, measured
 
 {labels}
 
-Prompt templates: {templates}. Gate: `{config.combination}` combination, hidden size {config.gate_hidden_size}.
+Prompt templates: {templates}. Gate: `{config.combination}` combination, hidden size {config.gate_hidden_size}.{class_head}
 
 ## Calibration
 

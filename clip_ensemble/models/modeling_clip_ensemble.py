@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from transformers.utils import ModelOutput
 from ..backbones.base import Backbone
 from ..backbones.zero_shot import build_zero_shot_classifier
 from .cascade import Cascade
+from .class_head import ClassHead
 from .configuration_clip_ensemble import CLIPEnsembleConfig, _normalize_backbone
 from .cost import describe_costs, measure_gflops
 from .gate import EnsembleGate, combine_logits
@@ -25,12 +27,16 @@ from .placement import Device, load_backbones, run_per_device, torch_device
 from .processing_clip_ensemble import CLIPEnsembleProcessor, ImageInput
 from .saved_gate import (
     CASCADE_WEIGHTS_NAME,
+    CLASS_HEAD_WEIGHTS_NAME,
     GATE_WEIGHTS_NAME,
     cascade_state,
+    class_head_state,
     read_saved_gate,
     strict_state,
     write_weights,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,7 +119,10 @@ class CLIPEnsembleModel(PreTrainedModel):
         self.logit_scales = [backbone.logit_scale for backbone in backbones]
         self.processor = CLIPEnsembleProcessor([backbone.preprocess for backbone in backbones])
         self._head_cache: dict[tuple, list[torch.Tensor]] = {}
+        self.class_head: ClassHead | None = None
         self.set_labels(config.labels, config.templates)
+        if config.class_head is not None:  # weights follow in `from_pretrained`
+            self.set_class_head(ClassHead(sum(self.embed_dims), config.class_head["rank"], len(config.labels)))
         self.cascade: Cascade | None = None
         if config.cascade is not None:  # weights follow with `load_cascade`
             self.set_cascade(self._cascade_from_config(config.cascade))
@@ -167,6 +176,23 @@ class CLIPEnsembleModel(PreTrainedModel):
             "stop_margins": list(cascade.stop_margins),
         }
 
+    def set_class_head(self, head: ClassHead | None, **info) -> None:
+        """Add `head`'s per-class correction to the combined logits (see `clip_ensemble.models.class_head`), or none
+        with `None`. `info` (how it was fitted) goes into `config.class_head` with its rank."""
+        if head is None:
+            self.class_head, self.config.class_head = None, None
+            return
+        if not isinstance(head, ClassHead):
+            raise TypeError(f"set_class_head takes a ClassHead or None, got {type(head).__name__}.")
+        if head.basis.shape[0] != sum(self.embed_dims) or head.num_labels != len(self.config.labels):
+            raise ValueError(
+                f"The class head reads {head.basis.shape[0]}-d gate inputs for {head.num_labels} labels; this "
+                f"ensemble's are {sum(self.embed_dims)}-d, for {len(self.config.labels)} labels."
+            )
+        self.class_head = head.to(self.gate.fc1.weight.device)
+        previous = self.config.class_head if self.config.class_head and not info else {}
+        self.config.class_head = {**previous, **info, "rank": head.rank}
+
     def _cascade_from_config(self, entry: dict) -> Cascade:
         return Cascade(
             self.embed_dims,
@@ -216,16 +242,21 @@ class CLIPEnsembleModel(PreTrainedModel):
         return cls(config, loaded)._place_gate(placement, main)
 
     def _place_gate(self, placement: list[Device] | None, main: Device | None) -> CLIPEnsembleModel:
-        """The gate on the main device, where the backbones' embeddings are gathered; records `hf_device_map`."""
+        """The gate (with the cascade and class head a config names) on the main device, where the backbones'
+        embeddings are gathered; records `hf_device_map`."""
         if placement is not None:
-            self.gate.to(torch_device(main))
+            for module in (self.gate, self.cascade, self.class_head):
+                if module is not None:
+                    module.to(torch_device(main))
             self.hf_device_map = {"gate": main, **{f"backbones.{i}": d for i, d in enumerate(placement)}}
         return self
 
     def set_labels(self, labels: Sequence[str], templates: Sequence[str] | str | None = None) -> None:
         """Switch to a new label set (and optionally templates); the gate is kept, it does not depend on labels.
 
-        Zero-shot heads are cached per (labels, templates), so switching back costs no text forward pass.
+        A class head, learnt for the labels and templates it was calibrated with, is dropped (with a warning) on
+        any change of them. Zero-shot heads are cached per (labels, templates), so switching back costs no text
+        forward pass.
         """
         templates = self.config.templates if templates is None else templates
         # Validate through the config before touching the model.
@@ -240,6 +271,16 @@ class CLIPEnsembleModel(PreTrainedModel):
                 build_zero_shot_classifier(backbone, checked.labels, checked.template_list)
                 for backbone in self.backbones
             ]  # one (num_labels, embed_dim_b) head per backbone
+        if self.class_head is not None and (checked.labels, checked.templates) != (
+            self.config.labels,
+            self.config.templates,
+        ):
+            logger.warning(
+                "The class head was calibrated for the labels %s and is dropped for the new labels or templates; the "
+                "gate carries over. Calibrate again for a class head on these labels.",
+                self.config.labels,
+            )
+            self.set_class_head(None)
         self.zero_shot_heads = self._head_cache[key]
         self.config.labels, self.config.templates = checked.labels, checked.templates
         self.config.id2label, self.config.label2id = checked.id2label, checked.label2id
@@ -304,7 +345,7 @@ class CLIPEnsembleModel(PreTrainedModel):
             gate_weights = self.gate(torch.cat(image_embeds, dim=-1))  # (batch, num_backbones)
             batch = len(per_backbone_logits)
             output = CLIPEnsembleOutput(
-                logits=combine_logits(per_backbone_logits, gate_weights),  # (batch, num_labels)
+                logits=self.combined_logits(per_backbone_logits, gate_weights, image_embeds),  # (batch, num_labels)
                 gate_weights=gate_weights,
                 per_backbone_logits=per_backbone_logits,
                 image_embeds=tuple(image_embeds),
@@ -314,6 +355,16 @@ class CLIPEnsembleModel(PreTrainedModel):
         if labels is not None:
             output.loss = nn.functional.cross_entropy(output.logits, labels.to(device))
         return output
+
+    def combined_logits(
+        self, per_backbone_logits: torch.Tensor, gate_weights: torch.Tensor, image_embeds: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """(batch, B, C) logits weighted by (batch, B) gate weights and summed, plus the class head's correction of
+        the gate input (`image_embeds`, per backbone or already concatenated) when there is one: (batch, C)."""
+        logits = combine_logits(per_backbone_logits, gate_weights)
+        if self.class_head is not None:
+            logits = logits + self.class_head(torch.cat(list(image_embeds), dim=-1))
+        return logits
 
     def _cascade_forward(
         self, pixel_values: Sequence[torch.Tensor] | None, image_embeds: Sequence[torch.Tensor] | None
@@ -352,8 +403,9 @@ class CLIPEnsembleModel(PreTrainedModel):
             if k == len(order) - 1:  # the last backbone: the model's own gate over all of them
                 gate_inputs = torch.cat(embeds, dim=-1)
                 rows = slice(None) if running is None else running
-                weights = self.gate(gate_inputs if running is None else gate_inputs[running])
-                logits[rows] = combine_logits(per_backbone_logits[rows], weights)
+                gate_inputs = gate_inputs if running is None else gate_inputs[running]
+                weights = self.gate(gate_inputs)
+                logits[rows] = self.combined_logits(per_backbone_logits[rows], weights, [gate_inputs])
                 gate_weights[rows] = weights
                 break
             if self.cascade.stop_margins[k] is None:  # no image stops here: nothing to combine yet
@@ -422,7 +474,8 @@ class CLIPEnsembleModel(PreTrainedModel):
         evaluations: CardEvaluation | dict | Sequence[CardEvaluation | dict] = (),
         **_,
     ) -> None:
-        """Write `config.json`, `gate.safetensors` and a model card `README.md`; no backbone weight.
+        """Write `config.json`, `gate.safetensors` (and `cascade.safetensors`, `class_head.safetensors` when there is a
+        cascade or a class head) and a model card `README.md`; no backbone weight.
 
         `evaluations` (reports of `clip_ensemble.evaluate`) go into the card: the gate's results as model-index
         metadata, the table of every method as text.
@@ -444,6 +497,11 @@ class CLIPEnsembleModel(PreTrainedModel):
             write_weights(self.cascade.state_dict(), cascade_file)
         elif cascade_file.is_file():
             cascade_file.unlink()  # a cascade saved here before would not match this config
+        head_file = save_directory / CLASS_HEAD_WEIGHTS_NAME
+        if self.class_head is not None:
+            write_weights(self.class_head.state_dict(), head_file)
+        elif head_file.is_file():
+            head_file.unlink()
         card.save(save_directory / "README.md")
 
     def push_to_hub(
@@ -522,6 +580,14 @@ class CLIPEnsembleModel(PreTrainedModel):
         model.gate.load_state_dict(strict_state(saved.gate_bytes, model.gate.state_dict(), what))
         if model.cascade is not None:
             model.cascade.load_state_dict(cascade_state(saved, config, config.cascade))
+        if model.class_head is not None:
+            head = class_head_state(saved, config)
+            if head is None:
+                raise ValueError(
+                    f"The config has a class head but {saved.source} has none; load it without `config=`, or set "
+                    "the config's class_head to None."
+                )
+            model.class_head.load_state_dict(head)
         model.eval()
         return model
 
@@ -531,4 +597,10 @@ class CLIPEnsembleModel(PreTrainedModel):
         self.gate.load_state_dict(strict_state(data, self.gate.state_dict(), f"The gate file '{gate_file}'"))
 
 
-__all__ = ["CASCADE_WEIGHTS_NAME", "CLIPEnsembleModel", "CLIPEnsembleOutput", "GATE_WEIGHTS_NAME"]
+__all__ = [
+    "CASCADE_WEIGHTS_NAME",
+    "CLASS_HEAD_WEIGHTS_NAME",
+    "CLIPEnsembleModel",
+    "CLIPEnsembleOutput",
+    "GATE_WEIGHTS_NAME",
+]

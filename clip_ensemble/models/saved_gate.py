@@ -1,9 +1,10 @@
 """Saved gates: the files `save_pretrained` writes, and the one strict loader that reads them back.
 
 A saved gate is `config.json` (the ensemble's config: backbones by reference, labels, gate settings), the gate's
-weights (`gate.safetensors`) and, when the config has a cascade, the cascade's (`cascade.safetensors`). The loader
-reads them from a folder, a zip of that folder, a list of the files, or a Hub repo id, and checks every tensor's name
-and shape: `from_pretrained`, the CLI and the app all load through it. Never unpickles.
+weights (`gate.safetensors`), when the config has a cascade the cascade's (`cascade.safetensors`), and when it has a
+class head the head's (`class_head.safetensors`). The loader reads them from a folder, a zip of that folder, a list
+of the files, or a Hub repo id, and checks every tensor's name and shape: `from_pretrained`, the CLI and the app all
+load through it. Never unpickles.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -22,12 +24,14 @@ from safetensors.torch import save_file
 
 from ..backbones.base import LOCAL_DIR_PREFIX
 from .cascade import Cascade
+from .class_head import ClassHead
 from .configuration_clip_ensemble import CLIPEnsembleConfig
 
 CONFIG_NAME = "config.json"
 GATE_WEIGHTS_NAME = "gate.safetensors"
 CASCADE_WEIGHTS_NAME = "cascade.safetensors"
-GATE_FILES = (CONFIG_NAME, GATE_WEIGHTS_NAME, CASCADE_WEIGHTS_NAME)
+CLASS_HEAD_WEIGHTS_NAME = "class_head.safetensors"
+GATE_FILES = (CONFIG_NAME, GATE_WEIGHTS_NAME, CASCADE_WEIGHTS_NAME, CLASS_HEAD_WEIGHTS_NAME)
 
 
 @dataclass
@@ -39,6 +43,7 @@ class SavedGate:
     gate_bytes: bytes
     cascade_bytes: bytes | None
     source: str  # where it came from, in words ("'gate.zip'", "the Hub repo me/gate")
+    class_head_bytes: bytes | None = None
 
     @property
     def backbones(self) -> list[dict]:
@@ -57,6 +62,10 @@ class SavedGate:
     @property
     def cascade(self) -> dict | None:
         return self.config.get("cascade")
+
+    @property
+    def class_head(self) -> dict | None:
+        return self.config.get("class_head")
 
 
 def write_weights(state: dict[str, torch.Tensor], file: Path) -> None:
@@ -115,7 +124,8 @@ def read_saved_gate(
     **hub_kwargs,
 ) -> SavedGate:
     """Read a saved gate from a folder, a zip of it, a list of its files (config.json, gate.safetensors and, with a
-    cascade, cascade.safetensors), or a Hub repo id (`hub_kwargs`: revision, token, cache_dir, local_files_only).
+    cascade or a class head, cascade.safetensors or class_head.safetensors), or a Hub repo id (`hub_kwargs`:
+    revision, token, cache_dir, local_files_only).
 
     Files over `max_config_bytes` / `max_weights_bytes` are refused before they are read. A Hub that cannot be
     reached raises the Hub's own error; anything wrong with the files raises a ValueError naming the file and the fix.
@@ -124,6 +134,7 @@ def read_saved_gate(
         CONFIG_NAME: max_config_bytes,
         GATE_WEIGHTS_NAME: max_weights_bytes,
         CASCADE_WEIGHTS_NAME: max_weights_bytes,
+        CLASS_HEAD_WEIGHTS_NAME: max_weights_bytes,
     }
     fix = "save the ensemble with `save_pretrained`"
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
@@ -139,9 +150,11 @@ def read_saved_gate(
 
         source_name = f"the Hub repo {source}"
         found = {CONFIG_NAME: _read(Path(hf_hub_download(str(source), CONFIG_NAME, **hub_kwargs)), max_config_bytes)}
-        weights = [GATE_WEIGHTS_NAME]
-        if _parse_config(found[CONFIG_NAME], source_name).get("cascade") is not None:
+        weights, config = [GATE_WEIGHTS_NAME], _parse_config(found[CONFIG_NAME], source_name)
+        if config.get("cascade") is not None:
             weights.append(CASCADE_WEIGHTS_NAME)
+        if config.get("class_head") is not None:
+            weights.append(CLASS_HEAD_WEIGHTS_NAME)
         for name in weights:
             found[name] = _read(Path(hf_hub_download(str(source), name, **hub_kwargs)), max_weights_bytes)
     else:
@@ -149,8 +162,9 @@ def read_saved_gate(
         names = sorted(f.name for f in files)
         if len(set(names)) != len(names) or not {CONFIG_NAME, GATE_WEIGHTS_NAME} <= set(names) <= set(GATE_FILES):
             raise ValueError(
-                f"Give the files {CONFIG_NAME} and {GATE_WEIGHTS_NAME} (and {CASCADE_WEIGHTS_NAME} for a gate with a "
-                f"cascade), or the saved folder or its zip (got {names})."
+                f"Give the files {CONFIG_NAME} and {GATE_WEIGHTS_NAME} (and {CASCADE_WEIGHTS_NAME} or "
+                f"{CLASS_HEAD_WEIGHTS_NAME} for a gate with a cascade or a class head), or the saved folder or its zip "
+                f"(got {names})."
             )
         source_name = f"{CONFIG_NAME} and {GATE_WEIGHTS_NAME}"
         found = {f.name: _read(f, limits[f.name]) for f in files}
@@ -158,7 +172,13 @@ def read_saved_gate(
     if missing:
         raise ValueError(f"{source_name} has no {' or '.join(missing)}; {fix}.")
     config = _parse_config(found[CONFIG_NAME], source_name)
-    return SavedGate(config, found[GATE_WEIGHTS_NAME], found.get(CASCADE_WEIGHTS_NAME), source_name)
+    return SavedGate(
+        config,
+        found[GATE_WEIGHTS_NAME],
+        found.get(CASCADE_WEIGHTS_NAME),
+        source_name,
+        found.get(CLASS_HEAD_WEIGHTS_NAME),
+    )
 
 
 def strict_state(data: bytes, expected: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
@@ -205,6 +225,25 @@ def cascade_state(
     embed_dims = [backbone["embed_dim"] for backbone in config.backbones]
     cascade = Cascade(embed_dims, entry["order"], entry["stop_margins"], config.gate_hidden_size, config.combination)
     return strict_state(saved.cascade_bytes, cascade.state_dict(), f"The {CASCADE_WEIGHTS_NAME} of {saved.source}")
+
+
+def class_head_state(saved: SavedGate, config: CLIPEnsembleConfig) -> dict[str, torch.Tensor] | None:
+    """The saved class head's weights, checked against its config entry on `config`'s backbones and the saved
+    labels; None when there is no class head."""
+    entry = saved.class_head
+    if entry is None:
+        return None
+    if saved.class_head_bytes is None:
+        raise ValueError(
+            f"{saved.source}: the config has a class head but no {CLASS_HEAD_WEIGHTS_NAME} came with it; save the "
+            "ensemble again with `save_pretrained`, or remove 'class_head' from its config.json."
+        )
+    try:  # the config's own checks: a positive rank, labels
+        checked = CLIPEnsembleConfig(backbones=config.backbones, labels=saved.labels, class_head=entry)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"The class head of {saved.source}: {error}") from None
+    head = ClassHead(sum(b["embed_dim"] for b in config.backbones), entry["rank"], len(checked.labels))
+    return strict_state(saved.class_head_bytes, head.state_dict(), f"The {CLASS_HEAD_WEIGHTS_NAME} of {saved.source}")
 
 
 def short_name(name) -> str:
@@ -261,25 +300,39 @@ def match_backbones(saved: list[dict], config: CLIPEnsembleConfig, what: str, fi
     return order
 
 
+def _input_order(embed_dims: list[int], order: list[int]) -> torch.Tensor:
+    """The gate input's positions for backbones saved with widths `embed_dims`, loaded in `order` (loaded backbone i
+    is saved backbone `order[i]`): its embedding blocks moved."""
+    starts = [0, *torch.tensor(embed_dims).cumsum(0).tolist()]
+    return torch.cat([torch.arange(starts[j], starts[j + 1]) for j in order])
+
+
 def reorder_gate(weights: dict[str, torch.Tensor], embed_dims: list[int], order: list[int]) -> dict[str, torch.Tensor]:
     """An `EnsembleGate`'s weights saved for backbones in one order, for the same backbones in another: loaded
     backbone i is saved backbone `order[i]`; `embed_dims` are the saved backbones' widths. The hidden layer's input
     columns move by embedding block, the output layer's rows by backbone."""
-    starts = [0, *torch.tensor(embed_dims).cumsum(0).tolist()]
-    columns = torch.cat([torch.arange(starts[j], starts[j + 1]) for j in order])
+    columns = _input_order(embed_dims, order)
     return {
         name: tensor[:, columns] if name == "fc1.weight" else tensor[order] if name.startswith("fc2.") else tensor
         for name, tensor in weights.items()
     }
 
 
+class FittingGate(NamedTuple):
+    """A saved gate's weights, checked and put in the loaded backbones' order (`check_fits`)."""
+
+    weights: dict[str, torch.Tensor]  # the gate's
+    cascade: dict | None  # the cascade's config entry, None without one
+    cascade_weights: dict[str, torch.Tensor] | None
+    class_head_weights: dict[str, torch.Tensor] | None  # a class head's (for the saved labels), None without one
+
+
 def check_fits(
     saved: SavedGate, config: CLIPEnsembleConfig, gate: dict[str, torch.Tensor], fix: str, what: str = "the gate"
-) -> tuple[dict[str, torch.Tensor], dict | None, dict[str, torch.Tensor] | None]:
+) -> FittingGate:
     """A saved gate checked against an ensemble already loaded (`config`, and its gate's state_dict `gate`): the same
-    backbones (in any order), gate settings and prompt templates. Returns the gate's weights, the cascade's config
-    entry and the cascade's weights (both None without a cascade), in the loaded backbones' order; `what` names the
-    gate in messages, `fix` ends them."""
+    backbones (in any order), gate settings and prompt templates. Returns its weights, in the loaded backbones'
+    order; `what` names the gate in messages, `fix` ends them."""
     order = match_backbones(saved.backbones, config, what, fix)
     for key in ("combination", "gate_hidden_size", "templates"):
         mine = getattr(config, key)
@@ -289,23 +342,28 @@ def check_fits(
                 f"{mine!r}, so it would classify differently here. {fix}"
             )
     weights = strict_state(saved.gate_bytes, gate, f"The {GATE_WEIGHTS_NAME} of {saved.source}")
-    cascade = saved.cascade
+    cascade, class_head = saved.cascade, class_head_state(saved, config)
     if order != sorted(order):
         saved_dims = [config.backbones[order.index(j)]["embed_dim"] for j in range(len(order))]
         weights = reorder_gate(weights, saved_dims, order)
         if isinstance(cascade, dict) and isinstance(cascade.get("order"), list):  # run order: saved -> loaded indices
             cascade = {**cascade, "order": [order.index(j) if j in order else j for j in cascade["order"]]}
-    return weights, cascade, cascade_state(saved, config, cascade)
+        if class_head is not None:  # its basis reads the gate input: rows move by embedding block
+            class_head = {**class_head, "basis": class_head["basis"][_input_order(saved_dims, order)]}
+    return FittingGate(weights, cascade, cascade_state(saved, config, cascade), class_head)
 
 
 __all__ = [
     "CASCADE_WEIGHTS_NAME",
+    "CLASS_HEAD_WEIGHTS_NAME",
     "CONFIG_NAME",
+    "FittingGate",
     "GATE_FILES",
     "GATE_WEIGHTS_NAME",
     "SavedGate",
     "cascade_state",
     "check_fits",
+    "class_head_state",
     "match_backbones",
     "read_saved_gate",
     "reorder_gate",

@@ -25,6 +25,7 @@ from clip_ensemble.app.service import SharedEnsemble
 from clip_ensemble.app.sessions import GateStore, SessionGate
 from clip_ensemble.app.wording import calibration_verdict, recorded_verdict, verdict
 from clip_ensemble.data import labelled
+from clip_ensemble.models.class_head import ClassHead
 from clip_ensemble.sources import HubUnreachable
 from clip_ensemble.tasks import TOY_CLASSES, toy_dataset
 
@@ -559,3 +560,39 @@ def test_a_gate_with_a_cascade_loads_runs_saves_and_survives_a_reload(
         ensemble.load_gate([folder / "config.json", folder / "gate.safetensors"])
     files = ensemble.load_gate([folder / "config.json", folder / "gate.safetensors", folder / "cascade.safetensors"])
     assert files.cascade["order"] == model.cascade.order
+
+
+def test_a_gate_with_a_class_head_loads_serves_its_labels_in_any_order_and_saves_it(
+    ensemble, toy_backbone_dirs, probe, tmp_path
+):
+    model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs, labels=list(TOY_CLASSES))
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(sum(model.embed_dims), 4, generator=generator)).Q
+    weight = 5 * torch.randn(len(TOY_CLASSES), 4, generator=generator)
+    model.set_class_head(ClassHead.of(basis, weight, torch.randn(len(TOY_CLASSES), generator=generator)), penalty=0.01)
+    model.config.calibration = {"dataset": "toy", "chosen": "class head"}
+    model.save_pretrained(tmp_path / "saved")
+    archive = shutil.make_archive(str(tmp_path / "saved-gate"), "zip", root_dir=tmp_path / "saved")
+
+    loaded = ensemble.load_gate([archive])
+    assert loaded.class_head == {"penalty": 0.01, "rank": 4}
+    with torch.no_grad():
+        expected = dict(zip(TOY_CLASSES, model(images=[probe]).logits.softmax(-1)[0].tolist()))
+    top = ensemble.classify(loaded, LABELS, probe, top_k=len(TOY_CLASSES)).top
+    assert top == pytest.approx(expected, abs=1e-5)
+    # The same labels in another order: the head's rows follow the labels.
+    reversed_labels = ", ".join(reversed(TOY_CLASSES))
+    assert ensemble.classify(loaded, reversed_labels, probe, top_k=len(TOY_CLASSES)).top == pytest.approx(
+        expected, abs=1e-5
+    )
+    # Other labels: the gate carries over, the head does not, and the status says so.
+    other = ensemble.classify(loaded, "teal, red", probe)
+    assert "class head corrects those labels only" in other.note
+    # Saved again by the app, and kept in the browser: the head goes along.
+    again = ensemble.load_gate([ensemble.save_zip(loaded, LABELS, tmp_path / "out")])
+    assert ensemble.classify(again, LABELS, probe, top_k=len(TOY_CLASSES)).top == pytest.approx(expected, abs=1e-5)
+    restored, _, problem = ensemble.from_browser(json.loads(json.dumps(ensemble.to_browser(loaded, LABELS))))
+    assert problem == "" and restored.class_head == loaded.class_head
+    assert ensemble.classify(restored, LABELS, probe, top_k=len(TOY_CLASSES)).top == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="the config has a class head but no class_head.safetensors came with it"):
+        ensemble.load_gate([tmp_path / "saved" / "config.json", tmp_path / "saved" / "gate.safetensors"])

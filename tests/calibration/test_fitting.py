@@ -7,6 +7,7 @@ import torch
 
 from clip_ensemble.calibration.fitting import (
     BEST_BACKBONE,
+    CLASS_HEAD,
     GATE,
     MEAN_OF_LOGITS,
     STATIC_WEIGHTS,
@@ -87,7 +88,8 @@ def test_choice_reports_cross_validated_accuracy_and_is_deterministic():
     assert choice == fit_calibrated_gate(second, features, seed=1)
     for name, tensor in first.state_dict().items():
         torch.testing.assert_close(tensor, second.state_dict()[name], rtol=0, atol=0)
-    assert set(choice.cv_accuracy) == set(choice.cv_spread) == {GATE, STATIC_WEIGHTS, MEAN_OF_LOGITS, BEST_BACKBONE}
+    candidates = {GATE, CLASS_HEAD, STATIC_WEIGHTS, MEAN_OF_LOGITS, BEST_BACKBONE}
+    assert set(choice.cv_accuracy) == set(choice.cv_spread) == candidates
     assert choice.num_folds == 5 and all(0 <= value <= 1 for value in choice.cv_accuracy.values())
     # The chosen candidate's out-of-fold answers are the ones its cross-validated accuracy was measured on.
     answers = choice.out_of_fold
@@ -100,7 +102,7 @@ def test_choice_reports_cross_validated_accuracy_and_is_deterministic():
 def test_the_choice_compares_held_out_top1_then_cross_entropy():
     features = _features([0.9, 0.5, 0.5], shots=4)
     choice = fit_calibrated_gate(EnsembleGate([8, 8, 8]), features, seed=0)
-    assert set(choice.cv_loss) == {GATE, STATIC_WEIGHTS, MEAN_OF_LOGITS, BEST_BACKBONE}
+    assert set(choice.cv_loss) == {GATE, CLASS_HEAD, STATIC_WEIGHTS, MEAN_OF_LOGITS, BEST_BACKBONE}
     assert all(loss > 0 for loss in choice.cv_loss.values())
     # A candidate replaces plain averaging only when right more often out of fold, or as often with a lower loss.
     accuracy, loss = choice.cv_accuracy, choice.cv_loss
@@ -252,3 +254,43 @@ def test_where_one_backbone_dominates_calibration_does_not_stay_at_averaging(sho
     if shots >= 4:  # with a few shots static weights or the gate leave averaging well behind
         assert sum(choice.chosen in (STATIC_WEIGHTS, GATE) for choice in choices) >= 2, choices
         assert calibrated > best + 0.02, choices
+
+
+def _confused_classes(shots: int, seed: int, num_classes: int = 4, width: int = 8) -> Features:
+    """Two backbones whose embeddings separate every class (orthogonal prototypes), but whose zero-shot heads both
+    describe class 0 as class 1 (a bad prompt): class 1's images score the same for both, and ties go to class 0;
+    class 0's images match no head. No weighing of the backbones can tell the two apart; a correction of the logits
+    that reads the embeddings can."""
+    prototypes = torch.eye(num_classes, width)
+    heads = prototypes.clone()
+    heads[0] = prototypes[1]
+    draw = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(shots)
+    embeds, logits = [], []
+    for _ in range(2):
+        noisy = prototypes[labels] + 0.2 * torch.randn(len(labels), width, generator=draw)
+        embeds.append(torch.nn.functional.normalize(noisy, dim=-1))
+        logits.append(10 * embeds[-1] @ heads.T)
+    return Features(torch.cat(embeds, -1), torch.stack(logits, 1), labels)
+
+
+def test_a_class_head_is_kept_where_the_zero_shot_heads_confuse_two_classes():
+    features, test = _confused_classes(shots=8, seed=0), _confused_classes(shots=50, seed=1)
+    gate = EnsembleGate([8, 8])
+    choice = fit_calibrated_gate(gate, features, seed=0)
+    assert choice.chosen == CLASS_HEAD and choice.class_head is not None
+    assert choice.settings["rank"] == choice.class_head.rank == 16  # every direction of 32 images of width 16
+    with torch.no_grad():
+        combined = combine_logits(test.logits, gate(test.gate_inputs))
+        corrected = combined + choice.class_head(test.gate_inputs)
+    assert (combined.argmax(-1) == test.labels).float().mean() < 0.6  # classes 2 and 3, and some of class 0
+    assert (corrected.argmax(-1) == test.labels).float().mean() > 0.95
+
+
+def test_no_class_head_where_the_backbones_disagree_per_image():
+    """Where backbones are right on different images, the gate's and static weights' task, the head is scored out of
+    fold like them, and comes back only when kept."""
+    for shots in (1, 4):
+        choice = fit_calibrated_gate(EnsembleGate([8, 8, 8]), _features([0.95, 0.5, 0.2], shots=shots), seed=0)
+        assert CLASS_HEAD in choice.cv_accuracy and (choice.class_head is not None) == (choice.chosen == CLASS_HEAD)
+        assert choice.chosen != CLASS_HEAD
