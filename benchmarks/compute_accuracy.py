@@ -38,7 +38,7 @@ from clip_ensemble.calibration.cascade_fitting import fit_cascade, run_on_featur
 from clip_ensemble.calibration.fitting import Features, fit_calibrated_gate
 from clip_ensemble.calibration.selection import weigh_subsets
 from clip_ensemble.models.cascade import cost_order
-from clip_ensemble.models.gate import EnsembleGate, combine_logits
+from clip_ensemble.models.gate import EnsembleGate
 from clip_ensemble.tasks import TOY_CLASSES, toy_backbones, toy_dataset
 from clip_ensemble.tasks.digits import DIGIT_CLASSES, digits_backbones, digits_dataset
 from clip_ensemble.tasks.synthetic import FeatureTask, feature_task, hard_images_task, synthetic_task
@@ -111,10 +111,8 @@ def run_seed(task: FeatureTask, gflops: list[float], shots: int, seed: int, tole
     best, _, _ = weigh_subsets(support, dims, gflops, full_gflops / 2, seed=seed)
     subset = list(best["indices"])
     subset_gate = EnsembleGate([dims[b] for b in subset])
-    fit_calibrated_gate(subset_gate, support.of_backbones(dims, subset), seed=seed)
-    with torch.no_grad():
-        subset_test = test.of_backbones(dims, subset)
-        subset_logits = combine_logits(subset_test.logits, subset_gate(subset_test.gate_inputs))
+    subset_choice = fit_calibrated_gate(subset_gate, support.of_backbones(dims, subset), seed=seed)
+    subset_logits = subset_choice.logits(subset_gate, test.of_backbones(dims, subset))
     points.append({"method": "best subset at half budget", "kind": "subset", "top1": top1(subset_logits, test.labels),
                    "gflops": best["gflops"]})  # fmt: skip
     return {
