@@ -110,3 +110,27 @@ def test_evaluate_rejects_labels_the_model_does_not_know(toy_backbone_dirs, test
     model = CLIPEnsembleModel.from_backbones(toy_backbone_dirs[:1], labels=["red", "green"])
     with pytest.raises(ValueError, match=r"labels the model does not know: \['blue', 'orange', 'purple', 'teal'\]"):
         evaluate(model, test_data, cache=cache, progress=False)
+
+
+def test_a_kept_class_head_is_set_on_the_model_saved_and_scored(digits_backbone_dirs, cache, tmp_path):
+    """The demo's draw (digits, 4 shots, seed 0) keeps a class head: `calibrate` puts it on the model, the report and
+    the saved folder say so, and the held-out evaluation scores the model with it."""
+    from clip_ensemble.tasks.digits import DIGIT_CLASSES, digits_dataset
+
+    model = CLIPEnsembleModel.from_backbones(digits_backbone_dirs, labels=list(DIGIT_CLASSES))
+    report = calibrate(model, digits_dataset("pool"), shots=4, seed=0, cache=cache, progress=False)
+    assert report.chosen == "class head" and "Kept a class head on static weights" in report.verdict()
+    assert model.class_head is not None and model.config.class_head == {
+        "penalty": report.settings["penalty"],
+        "rank": report.settings["rank"],
+    }
+    evaluation = evaluate(model, digits_dataset("test"), cache=cache, progress=False)
+    top1 = _top1(evaluation)
+    singles = [top1[name] for name in model.config.backbone_names]
+    assert top1[evaluation.gate_method] > max(top1["mean of logits"], top1["mean of probabilities"], *singles)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "class_head.safetensors").is_file()
+    assert json.loads((tmp_path / "config.json").read_text())["calibration"]["chosen"] == "class head"
+    # Calibrating again drops a head the new choice does not keep.
+    report = calibrate(model, digits_dataset("pool"), shots=1, seed=0, cache=cache, progress=False)
+    assert report.chosen != "class head" and model.class_head is None and model.config.class_head is None
