@@ -14,7 +14,7 @@ from torch import nn
 
 
 class ClassHead(nn.Module):
-    """logits + (h @ basis) @ weight.T + bias, for h the (batch, sum d_b) gate input.
+    """The correction (h @ basis) @ weight.T + bias added to the combined logits, for h the (batch, sum d_b) gate input.
 
     `basis` ((sum d_b, rank), orthonormal columns) spans the calibration images' embeddings (their top right singular
     vectors); `weight` ((num_labels, rank)) and `bias` ((num_labels,)) are fitted there. All three are buffers: a head
