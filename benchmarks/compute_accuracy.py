@@ -130,15 +130,20 @@ def run_seed(task: FeatureTask, gflops: list[float], shots: int, seed: int, tole
         "never_stops": report.risk is None,
         "images_needed": report.images_needed,
         "gate": gate,
+        "class_head": choice.class_head,
         "fitted_cascade": cascade,
         "points": points,
     }
 
 
 @torch.no_grad()
-def wall_clock(model: CLIPEnsembleModel, images: list, gate: EnsembleGate, cascade, batch_size: int, rounds: int):
-    """Median seconds per image from pixel values, full ensemble and cascade, in alternating rounds."""
+def wall_clock(
+    model: CLIPEnsembleModel, images: list, gate: EnsembleGate, class_head, cascade, batch_size: int, rounds: int
+):
+    """Median seconds per image from pixel values, full ensemble and cascade, in alternating rounds; the model as
+    calibration left it (its gate, and the class head when one was kept)."""
     model.gate.load_state_dict(gate.state_dict())
+    model.set_class_head(class_head)
     pixel_values = model.processor(images)["pixel_values"]
     model.eval()
 
@@ -189,7 +194,8 @@ def main() -> None:
             model, images = timing
             # A cascade that never stops runs as the full ensemble: time the first seed whose cascade stops images.
             timed = next((seed for seed, r in enumerate(runs) if r["stopped_early"] > 0), 0)
-            full_s, cascade_s = wall_clock(model, images, runs[timed]["gate"], runs[timed]["fitted_cascade"],
+            run = runs[timed]
+            full_s, cascade_s = wall_clock(model, images, run["gate"], run["class_head"], run["fitted_cascade"],
                                            args.batch_size, args.rounds)  # fmt: skip
             clock = f"{1e3 * full_s:.3f} / {1e3 * cascade_s:.3f} (seed {timed})"
         subsets = sorted({r["subset_names"] for r in runs})

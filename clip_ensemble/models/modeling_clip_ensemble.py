@@ -179,7 +179,8 @@ class CLIPEnsembleModel(GateFilesMixin, PreTrainedModel):
         if head.basis.shape[0] != sum(self.embed_dims) or head.num_labels != len(self.config.labels):
             raise ValueError(
                 f"The class head reads {head.basis.shape[0]}-d gate inputs for {head.num_labels} labels; this "
-                f"ensemble's are {sum(self.embed_dims)}-d, for {len(self.config.labels)} labels."
+                f"ensemble's are {sum(self.embed_dims)}-d, for {len(self.config.labels)} labels. A head serves the "
+                "backbones and labels it was calibrated on: calibrate this ensemble for a head of its own."
             )
         self.class_head = head.to(self.gate.fc1.weight.device)
         previous = self.config.class_head if self.config.class_head and not info else {}

@@ -1,4 +1,4 @@
-"""The choice between the gate, static weights, averaging and one backbone, out of fold."""
+"""The choice between the gate, a class head, static weights, averaging and one backbone, out of fold."""
 
 import math
 
