@@ -221,3 +221,9 @@ def test_pipelines_apply_a_class_head_to_its_own_labels_only(toy_backbone_dirs, 
     assert model.class_head is head and model.config.class_head == {"penalty": 0.01, "rank": 4}  # put back
     own = zero_shot(image, candidate_labels=list(TOY_CLASSES))
     assert {e["label"]: e["score"] for e in own} == pytest.approx(dict(zip(TOY_CLASSES, probabilities.tolist())))
+    # The same labels in another order: the head follows them (rows reordered), and is back in order after.
+    reordered = zero_shot(image, candidate_labels=list(TOY_CLASSES)[::-1])
+    expected = dict(zip(TOY_CLASSES, probabilities.tolist()))
+    assert {e["label"]: e["score"] for e in reordered} == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert model.labels == list(TOY_CLASSES)
+    torch.testing.assert_close(model.class_head.weight, head.weight, atol=0, rtol=0)

@@ -162,9 +162,7 @@ class SharedEnsemble(GateKeeping):
             if session.class_head is not None and same_labels(session.labels, model.config.labels):
                 # The head's rows follow the labels it was calibrated on; the session may list them in another order.
                 rows = [session.labels.index(label) for label in model.config.labels]
-                weights = session.class_head_weights
-                head = ClassHead(weights["basis"].shape[0], session.class_head["rank"], len(rows))
-                head.load_state_dict({**weights, "weight": weights["weight"][rows], "bias": weights["bias"][rows]})
+                head = ClassHead.of(**session.class_head_weights).reordered(rows)
                 model.set_class_head(head, **session.class_head)
             _trim_heads(model)
             yield model

@@ -9,6 +9,8 @@ images span, anchored at the kept combination; unlike the gate it depends on the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -32,6 +34,11 @@ class ClassHead(nn.Module):
         head = cls(basis.shape[0], basis.shape[1], weight.shape[0])
         head.load_state_dict({"basis": basis, "weight": weight, "bias": bias})
         return head
+
+    def reordered(self, rows: Sequence[int]) -> ClassHead:
+        """A copy whose label i is this head's label `rows[i]`: the same head for its labels listed in another order."""
+        rows = list(rows)
+        return ClassHead.of(self.basis, self.weight[rows], self.bias[rows]).to(self.basis)  # its device and dtype
 
     @property
     def rank(self) -> int:

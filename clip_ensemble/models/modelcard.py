@@ -128,7 +128,7 @@ def build_model_card(
     class_head = (
         f" Class head (`class_head.safetensors`): calibration kept a per-class correction of the combined logits, "
         f"linear in the image embeddings (rank {config.class_head['rank']}); it serves these labels and templates "
-        "only, and `model.set_labels` drops it for others."
+        "only (in any order), and `model.set_labels` drops it for others."
         if config.class_head is not None
         else ""
     )

@@ -247,8 +247,8 @@ class CLIPEnsembleModel(GateFilesMixin, PreTrainedModel):
     def set_labels(self, labels: Sequence[str], templates: Sequence[str] | str | None = None) -> None:
         """Switch to a new label set (and optionally templates); the gate is kept, it does not depend on labels.
 
-        A class head, learnt for the labels and templates it was calibrated with, is dropped (with a warning) on
-        any change of them. Zero-shot heads are cached per (labels, templates), so switching back costs no text
+        A class head, learnt for the labels and templates it was calibrated with, follows its labels listed in another
+        order, and is dropped (with a warning) for other labels or templates. Zero-shot heads are cached per (labels, templates), so switching back costs no text
         forward pass.
         """
         templates = self.config.templates if templates is None else templates
@@ -264,10 +264,11 @@ class CLIPEnsembleModel(GateFilesMixin, PreTrainedModel):
                 build_zero_shot_classifier(backbone, checked.labels, checked.template_list)
                 for backbone in self.backbones
             ]  # one (num_labels, embed_dim_b) head per backbone
-        if self.class_head is not None and (checked.labels, checked.templates) != (
-            self.config.labels,
-            self.config.templates,
-        ):
+        same_set = sorted(checked.labels) == sorted(self.config.labels)
+        if self.class_head is not None and same_set and checked.templates == self.config.templates:
+            rows = [self.config.labels.index(label) for label in checked.labels]
+            self.class_head = self.class_head.reordered(rows)  # its rows follow the labels; nothing else changes
+        elif self.class_head is not None:
             logger.warning(
                 "The class head was calibrated for the labels %s and is dropped for the new labels or templates; the "
                 "gate carries over. Calibrate again for a class head on these labels.",

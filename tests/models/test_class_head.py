@@ -95,3 +95,14 @@ def test_a_head_loaded_for_backbones_in_another_order_reads_the_same_embeddings(
     original = with_head(images=images)
     inputs = torch.cat(original.image_embeds[::-1], dim=-1)  # the same embeddings, in the loaded order
     torch.testing.assert_close(head(inputs), with_head.class_head(torch.cat(original.image_embeds, dim=-1)))
+
+
+def test_the_same_labels_in_another_order_keep_the_head_with_its_rows_reordered(with_head, images, caplog):
+    before = with_head(images=images).logits
+    with caplog.at_level(logging.WARNING):
+        with_head.set_labels(LABELS[::-1])
+    assert with_head.class_head is not None and with_head.config.class_head == {"penalty": 0.01, "rank": 4}
+    assert "dropped" not in caplog.text
+    torch.testing.assert_close(with_head(images=images).logits, before.flip(-1))
+    with_head.set_labels(LABELS)
+    torch.testing.assert_close(with_head(images=images).logits, before)
