@@ -1,16 +1,17 @@
 """What a choice among calibration's candidates can reach, on the same evidence: choice rules replayed on recorded draws.
 
 `fit_calibrated_gate` scores its candidates out of fold (the mean of logits, the best backbone, static weights, the
-gate and the class head) and keeps one (see its `_beats`). This benchmark replays the first four: its saved results
-predate the class head, and in its forced runs the class head is never admitted. To compare choice rules without
-refitting, it fits every k-shot draw of benchmarks/few_shot_accuracy.py once per candidate, each time with that
-candidate forced (the module's `_beats` replaced for the call, as below), and records every candidate's out-of-fold
-evidence (per scored image: right or not, cross-entropy) and each candidate's test top-1. Rules are then replayed on the records:
+gate and the class head) and keeps one (see its `_beats`). To compare choice rules without refitting, this benchmark
+fits every k-shot draw of benchmarks/few_shot_accuracy.py once per candidate, each time with that candidate forced
+(the module's `_beats` replaced for the call, as below), and records every candidate's out-of-fold evidence (per
+scored image: right or not, cross-entropy) and each candidate's test top-1. Rules are then replayed on the records:
 - landed: the rule `fit_calibrated_gate` runs, each candidate in turn against the one kept so far (`_beats`);
 - most hits: the candidate right most often out of fold, ties by the lower cross-entropy;
-- most hits, ties to the simplest: ties keep the simplest (mean, best backbone, static weights, gate);
+- most hits, ties to the simplest: ties keep the simplest (mean, best backbone, static weights, gate, class head);
 - averaging or best backbone by hits: the better of the two untrained candidates by out-of-fold hits (ties to the
-  mean), then static weights and the gate by the landed rule against it;
+  mean), then static weights, the gate and the class head by the landed rule against it;
+- ... ties by cross-entropy: the same, a tie in hits going to the lower out-of-fold cross-entropy;
+- ... by cross-entropy: the same, the two untrained candidates compared by out-of-fold cross-entropy alone;
 - the oracle's choice: the candidate with the best test top-1 on each draw, the most any rule on these candidates
   can reach.
 Per task and k: mean test top-1 over the draws (20 by default, against the few-shot benchmark's 5) and its gap to
@@ -34,13 +35,13 @@ from few_shot_accuracy import SHOTS, TASKS, few_shot_indices, load_tasks
 from tables import save_result
 
 from clip_ensemble.calibration import fitting
-from clip_ensemble.calibration.fitting import BEST_BACKBONE, GATE, MEAN_OF_LOGITS, STATIC_WEIGHTS, Features
+from clip_ensemble.calibration.fitting import BEST_BACKBONE, CLASS_HEAD, GATE, MEAN_OF_LOGITS, STATIC_WEIGHTS, Features
 from clip_ensemble.models.gate import EnsembleGate
 from clip_ensemble.tasks.synthetic import FeatureTask
 
 RESULTS = Path(__file__).parent / "results"
-CANDIDATES = (MEAN_OF_LOGITS, BEST_BACKBONE, STATIC_WEIGHTS, GATE)  # simplest first
-SHORT = {MEAN_OF_LOGITS: "m", BEST_BACKBONE: "b", STATIC_WEIGHTS: "s", GATE: "g"}
+CANDIDATES = (MEAN_OF_LOGITS, BEST_BACKBONE, STATIC_WEIGHTS, GATE, CLASS_HEAD)  # simplest first
+SHORT = {MEAN_OF_LOGITS: "m", BEST_BACKBONE: "b", STATIC_WEIGHTS: "s", GATE: "g", CLASS_HEAD: "h"}
 MARGIN = 0.003  # the target's 0.3 points
 
 
@@ -63,7 +64,8 @@ def record_draw(task: FeatureTask, support: Features, test: Features, seed: int)
             choice = fitting.fit_calibrated_gate(gate, support, seed=seed)
         finally:
             fitting._beats = landed_beats
-        if choice.chosen == forced:  # static weights at the infinite penalty are the mean: never offered
+        # Never offered: static weights at the infinite penalty (the mean), a class head at it (the static weights).
+        if choice.chosen == forced:
             with torch.no_grad():
                 combined = choice.logits(gate, test)
             test_top1[forced] = float((combined.argmax(-1) == test.labels).float().mean())
@@ -99,7 +101,7 @@ def _landed_from(draw: dict, chosen: str, challengers: tuple[str, ...]) -> str:
 
 
 def landed(draw: dict) -> str:
-    return _landed_from(draw, MEAN_OF_LOGITS, (BEST_BACKBONE, STATIC_WEIGHTS, GATE))
+    return _landed_from(draw, MEAN_OF_LOGITS, (BEST_BACKBONE, STATIC_WEIGHTS, GATE, CLASS_HEAD))
 
 
 def most_hits(draw: dict) -> str:
@@ -112,7 +114,17 @@ def most_hits_simplest(draw: dict) -> str:
 
 def untrained_by_hits(draw: dict) -> str:
     start = BEST_BACKBONE if _hits(draw, BEST_BACKBONE) > _hits(draw, MEAN_OF_LOGITS) else MEAN_OF_LOGITS
-    return _landed_from(draw, start, (STATIC_WEIGHTS, GATE))
+    return _landed_from(draw, start, (STATIC_WEIGHTS, GATE, CLASS_HEAD))
+
+
+def untrained_by_hits_then_loss(draw: dict) -> str:
+    start = max((MEAN_OF_LOGITS, BEST_BACKBONE), key=lambda name: (_hits(draw, name), -_loss(draw, name)))
+    return _landed_from(draw, start, (STATIC_WEIGHTS, GATE, CLASS_HEAD))
+
+
+def untrained_by_loss(draw: dict) -> str:
+    start = min((MEAN_OF_LOGITS, BEST_BACKBONE), key=lambda name: _loss(draw, name))
+    return _landed_from(draw, start, (STATIC_WEIGHTS, GATE, CLASS_HEAD))
 
 
 def oracle_choice(draw: dict) -> str:
@@ -124,6 +136,8 @@ RULES: dict[str, Callable[[dict], str]] = {
     "most hits": most_hits,
     "most hits, ties to the simplest": most_hits_simplest,
     "averaging or best backbone by hits": untrained_by_hits,
+    "... ties by cross-entropy": untrained_by_hits_then_loss,
+    "... by cross-entropy": untrained_by_loss,
     "the oracle's choice": oracle_choice,
 }
 
@@ -179,9 +193,10 @@ def main() -> None:
     setup = (
         f"Test top-1 %, mean over {args.draws} k-shot draws (seeds 0-{args.draws - 1}; the few-shot benchmark's "
         "draws are seeds 0-4), each rule replayed on the same recorded evidence; (gap to the target) in points; "
-        "letters: what the rule kept per draw (m: mean of logits, b: best backbone, s: static weights, g: gate). "
+        "letters: what the rule kept per draw (m: mean of logits, b: best backbone, s: static weights, g: gate, "
+        "h: class head). "
         "Target: max(averaging, best single chosen on the shots) - 0.3. In bold: under the target, or more than 0.3 "
-        f"under the same rule at a smaller k. Recording took {time.perf_counter() - started:.0f} s (four fits per "
+        f"under the same rule at a smaller k. Recording took {time.perf_counter() - started:.0f} s (five fits per "
         "draw)."
     )
     output = RESULTS / "choice_replay.md" if args.save else None
