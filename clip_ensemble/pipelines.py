@@ -188,7 +188,7 @@ class CLIPEnsembleZeroShotPipeline(_EnsemblePipeline):
 
     def _with_labels(self, labels: list[str], templates: list[str] | str, run):
         """`run()` with the model switched to `labels`, then switched back (both from the model's head cache). A class
-        head serves the model's own labels only (in any order): it is set aside for other labels, and put back after."""
+        head serves the model's own labels only, in any order: it is set aside for other labels, and put back after."""
         previous = (self.model.labels, self.model.config.templates)
         class_head, class_head_info = self.model.class_head, self.model.config.class_head
         if class_head is not None and sorted(labels) != sorted(previous[0]):

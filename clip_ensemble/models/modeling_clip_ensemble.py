@@ -248,8 +248,8 @@ class CLIPEnsembleModel(GateFilesMixin, PreTrainedModel):
         """Switch to a new label set (and optionally templates); the gate is kept, it does not depend on labels.
 
         A class head, learnt for the labels and templates it was calibrated with, follows its labels listed in another
-        order, and is dropped (with a warning) for other labels or templates. Zero-shot heads are cached per (labels, templates), so switching back costs no text
-        forward pass.
+        order, and is dropped (with a warning) for other labels or templates. Zero-shot heads are cached per (labels,
+        templates), so switching back costs no text forward pass.
         """
         templates = self.config.templates if templates is None else templates
         # Validate through the config before touching the model.
@@ -266,8 +266,9 @@ class CLIPEnsembleModel(GateFilesMixin, PreTrainedModel):
             ]  # one (num_labels, embed_dim_b) head per backbone
         same_set = sorted(checked.labels) == sorted(self.config.labels)
         if self.class_head is not None and same_set and checked.templates == self.config.templates:
-            rows = [self.config.labels.index(label) for label in checked.labels]
-            self.class_head = self.class_head.reordered(rows)  # its rows follow the labels; nothing else changes
+            if checked.labels != self.config.labels:  # its rows follow the labels; nothing else changes
+                rows = [self.config.labels.index(label) for label in checked.labels]
+                self.class_head = self.class_head.reordered(rows)
         elif self.class_head is not None:
             logger.warning(
                 "The class head was calibrated for the labels %s and is dropped for the new labels or templates; the "
