@@ -132,12 +132,13 @@ def _loss(draw: dict, name: str) -> float:
     return float(draw["evidence"][name][1].mean())
 
 
-def _landed_from(draw: dict, chosen: str, challengers: tuple[str, ...]) -> str:
+def _landed_from(draw: dict, chosen: str, challengers: tuple[str, ...], judged_as: dict[str, str] | None = None) -> str:
+    """Each challenger in turn against the one kept so far, by the landed `_beats` (of `judged_as[name]` if given)."""
     for name in challengers:
         if name in draw["test"]:
             correct, loss = draw["evidence"][name]
             incumbent_correct, incumbent_loss = draw["evidence"][chosen]
-            if fitting._beats(name, correct, incumbent_correct, loss, incumbent_loss):
+            if fitting._beats((judged_as or {}).get(name, name), correct, incumbent_correct, loss, incumbent_loss):
                 chosen = name
     return chosen
 
@@ -174,15 +175,8 @@ def calibrated_mean_first(draw: dict) -> str:
 
 
 def calibrated_mean_first_clear_margin(draw: dict) -> str:
-    chosen = CALIBRATED_MEAN
-    for name in (BEST_BACKBONE, STATIC_WEIGHTS, GATE, CLASS_HEAD):
-        if name in draw["test"]:
-            correct, loss = draw["evidence"][name]
-            incumbent_correct, incumbent_loss = draw["evidence"][chosen]
-            as_judged = GATE if name == STATIC_WEIGHTS else name  # static weights judged as the gate is
-            if fitting._beats(as_judged, correct, incumbent_correct, loss, incumbent_loss):
-                chosen = name
-    return chosen
+    challengers = (BEST_BACKBONE, STATIC_WEIGHTS, GATE, CLASS_HEAD)
+    return _landed_from(draw, CALIBRATED_MEAN, challengers, judged_as={STATIC_WEIGHTS: GATE})
 
 
 def oracle_choice(draw: dict) -> str:
