@@ -193,8 +193,11 @@ def _landed_from(draw: dict, chosen: str, challengers: tuple[str, ...], judged_a
     return chosen
 
 
-def landed(draw: dict) -> str:
-    return _landed_from(draw, MEAN_OF_LOGITS, (BEST_BACKBONE, STATIC_WEIGHTS, GATE, CLASS_HEAD))
+def landed_rule(
+    start: str = MEAN_OF_LOGITS, head: str = CLASS_HEAD, judged_as: dict[str, str] | None = None
+) -> Callable[[dict], str]:
+    """The landed rule from `start`, with `head` as the last challenger, each judged as `judged_as` says."""
+    return lambda draw: _landed_from(draw, start, (BEST_BACKBONE, STATIC_WEIGHTS, GATE, head), judged_as)
 
 
 def most_hits(draw: dict) -> str:
@@ -220,47 +223,23 @@ def untrained_by_loss(draw: dict) -> str:
     return _landed_from(draw, start, (STATIC_WEIGHTS, GATE, CLASS_HEAD))
 
 
-def calibrated_mean_first(draw: dict) -> str:
-    return _landed_from(draw, CALIBRATED_MEAN, (BEST_BACKBONE, STATIC_WEIGHTS, GATE, CLASS_HEAD))
-
-
-def calibrated_mean_first_clear_margin(draw: dict) -> str:
-    challengers = (BEST_BACKBONE, STATIC_WEIGHTS, GATE, CLASS_HEAD)
-    return _landed_from(draw, CALIBRATED_MEAN, challengers, judged_as={STATIC_WEIGHTS: GATE})
-
-
-def mean_head_as_landed(draw: dict) -> str:
-    challengers = (BEST_BACKBONE, STATIC_WEIGHTS, GATE, MEAN_HEAD)
-    return _landed_from(draw, MEAN_OF_LOGITS, challengers, judged_as={MEAN_HEAD: CLASS_HEAD})
-
-
-def mean_head_as_static_weights(draw: dict) -> str:
-    challengers = (BEST_BACKBONE, STATIC_WEIGHTS, GATE, MEAN_HEAD)
-    return _landed_from(draw, MEAN_OF_LOGITS, challengers, judged_as={MEAN_HEAD: STATIC_WEIGHTS})
-
-
-def head_as_static_weights(draw: dict) -> str:
-    challengers = (BEST_BACKBONE, STATIC_WEIGHTS, GATE, CLASS_HEAD)
-    return _landed_from(draw, MEAN_OF_LOGITS, challengers, judged_as={CLASS_HEAD: STATIC_WEIGHTS})
-
-
 def oracle_choice(draw: dict) -> str:
     return max(draw["test"], key=draw["test"].get)  # every candidate offered on this draw, first on ties
 
 
 RULES: dict[str, Callable[[dict], str]] = {
-    "landed": landed,
+    "landed": landed_rule(),
     "most hits": most_hits,
     "most hits, ties to the simplest": most_hits_simplest,
     "averaging or best backbone by hits": untrained_by_hits,
     "... ties by cross-entropy": untrained_by_hits_then_loss,
     "... by cross-entropy": untrained_by_loss,
     "the calibrated mean alone": lambda draw: CALIBRATED_MEAN,
-    "the calibrated mean first": calibrated_mean_first,
-    "... richer ones by a clear margin": calibrated_mean_first_clear_margin,
-    "the class head judged as static weights": head_as_static_weights,
-    "the class head on the mean instead": mean_head_as_landed,
-    "... judged as static weights": mean_head_as_static_weights,
+    "the calibrated mean first": landed_rule(start=CALIBRATED_MEAN),
+    "... richer ones by a clear margin": landed_rule(start=CALIBRATED_MEAN, judged_as={STATIC_WEIGHTS: GATE}),
+    "the class head judged as static weights": landed_rule(judged_as={CLASS_HEAD: STATIC_WEIGHTS}),
+    "the class head on the mean instead": landed_rule(head=MEAN_HEAD, judged_as={MEAN_HEAD: CLASS_HEAD}),
+    "... judged as static weights": landed_rule(head=MEAN_HEAD, judged_as={MEAN_HEAD: STATIC_WEIGHTS}),
     "the oracle's choice": oracle_choice,
 }
 
