@@ -3,7 +3,9 @@
 Tasks, each with its own trained, deliberately different backbones:
 - colours: three tiny CLIPs, each confidently wrong on a different pair of look-alike colours (averaging fails);
 - digits: three tiny CLIP specialists on scikit-learn's real handwritten digits (different resolutions, widths and
-  training data);
+  training data), calibrated on digits of their training pool;
+- digits-unseen: the same backbones calibrated on digits none of them trained on: half of the held-out digits per
+  class (about 30) are the pool to draw shots from, the other half the test set;
 - synthetic: frozen features with the paper's nine backbone widths (50 classes by default), each head confused on
   other classes: averaging wins and a per-image gate can route;
 - hard-images: five similar backbones with correlated errors, averaging a point above the best (the real-CLIP regime);
@@ -22,6 +24,7 @@ of the test top-1; with --save, writes the table and a chart (accuracy against k
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -48,7 +51,7 @@ from clip_ensemble.tasks.synthetic import (
 
 RESULTS = Path(__file__).parent / "results"
 SHOTS = (1, 2, 4, 8, 16)
-TASKS = ("colours", "digits", "synthetic", "hard-images", "dominant", "leading", "averaging")
+TASKS = ("colours", "digits", "digits-unseen", "synthetic", "hard-images", "dominant", "leading", "averaging")
 GATE = "calibrated ensemble (ours)"
 BEST_SINGLE = "best single (chosen on the shots)"
 ORACLE = "oracle (any backbone right)"
@@ -67,9 +70,10 @@ def load_tasks(names: list[str], workdir: Path, synthetic_classes: int) -> list[
             model = CLIPEnsembleModel.from_backbones(toy_backbones(workdir / "colours"), labels=list(TOY_CLASSES))
             pool, test = toy_dataset(per_class=32, seed=3), toy_dataset(per_class=100, seed=7)
             tasks.append(feature_task("colours", model, pool, test, cache))
-        elif name == "digits":
+        elif name in ("digits", "digits-unseen"):
             model = CLIPEnsembleModel.from_backbones(digits_backbones(workdir / "digits"), labels=list(DIGIT_CLASSES))
-            tasks.append(feature_task("digits", model, digits_dataset("pool"), digits_dataset("test"), cache))
+            task = feature_task("digits", model, digits_dataset("pool"), digits_dataset("test"), cache)
+            tasks.append(task if name == "digits" else held_out_halves(task, "digits-unseen"))
         elif name == "synthetic":
             tasks.append(
                 synthetic_task(
@@ -90,6 +94,24 @@ def load_tasks(names: list[str], workdir: Path, synthetic_classes: int) -> list[
         else:
             raise ValueError(f"Unknown task '{name}'; choose from {', '.join(TASKS)}.")
     return tasks
+
+
+def held_out_halves(task: FeatureTask, name: str, seed: int = 0) -> FeatureTask:
+    """`task` calibrated on images its backbones never trained on: half of its test images per class (drawn with
+    `seed`) become the pool to draw shots from, the other half the test set."""
+    rng = np.random.default_rng(seed)
+    labels = task.test_labels.numpy()
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    pool = torch.tensor(sorted(int(i) for indices in per_class for i in indices[: len(indices) // 2]))
+    test = torch.tensor(sorted(int(i) for indices in per_class for i in indices[len(indices) // 2 :]))
+    return dataclasses.replace(
+        task,
+        name=name,
+        pool_embeds=[embeds[pool] for embeds in task.test_embeds],
+        pool_labels=task.test_labels[pool],
+        test_embeds=[embeds[test] for embeds in task.test_embeds],
+        test_labels=task.test_labels[test],
+    )
 
 
 def few_shot_indices(labels: torch.Tensor, shots: int, seed: int) -> list[int]:
